@@ -1,0 +1,1 @@
+"""Metric-weighted tensor decompositions."""

@@ -1,0 +1,1 @@
+"""Reference network architectures used by the examples and benchmarks."""

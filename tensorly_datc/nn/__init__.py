@@ -1,0 +1,1 @@
+"""Compression of PyTorch models with metric-weighted decompositions."""
