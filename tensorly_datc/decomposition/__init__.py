@@ -1,1 +1,5 @@
 """Metric-weighted tensor decompositions."""
+
+from ._tucker2 import WeightedTucker2, weighted_tucker2
+
+__all__ = ["weighted_tucker2", "WeightedTucker2"]

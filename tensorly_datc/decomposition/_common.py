@@ -1,0 +1,120 @@
+"""Argument checks, initial factors and result casting shared by the weighted decompositions."""
+
+import math
+import warnings
+
+import numpy as np
+import tensorly as tl
+
+from .. import _backend as backend
+
+INIT_NAMES = ("svd", "random", "whitened")
+
+
+def check_tensor(tensor, name="tensor"):
+    """Check that ``tensor`` is a finite numpy array or torch tensor of order >= 2."""
+    backend.backend_of(tensor)
+    if tl.ndim(tensor) < 2:
+        raise ValueError(f"{name} must have at least 2 modes; got shape {tuple(tl.shape(tensor))}")
+    if min(tl.shape(tensor)) == 0:
+        raise ValueError(f"{name} must not be empty; got shape {tuple(tl.shape(tensor))}")
+    kind = getattr(tensor.dtype, "kind", None)
+    is_complex = kind == "c" or (backend.torch is not None and not isinstance(tensor, np.ndarray)
+                                 and tensor.is_complex())
+    if is_complex:
+        raise TypeError(f"{name} must be real; got dtype {tensor.dtype}")
+    if not backend.is_finite(tensor):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def output_context(tensor):
+    """Return the dtype and device of the results: the input's, or float64 for integer input."""
+    if isinstance(tensor, np.ndarray):
+        dtype = tensor.dtype if tensor.dtype.kind == "f" else np.dtype(np.float64)
+        return {"dtype": dtype, "device": "cpu"}
+    dtype = tensor.dtype if tensor.is_floating_point() else backend.torch.float64
+    return {"dtype": dtype, "device": tensor.device}
+
+
+def cast_result(array, context):
+    """Cast an internal float64 array to the output dtype and device."""
+    if isinstance(array, np.ndarray):
+        return array.astype(context["dtype"], copy=False)
+    return array.to(device=context["device"], dtype=context["dtype"])
+
+
+def check_int(value, name, minimum=1):
+    """Return ``value`` as an int after checking that it is an integer >= ``minimum``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer; got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    return int(value)
+
+
+def check_tol(tol):
+    """Check the convergence tolerance."""
+    if not isinstance(tol, (int, float)) or not tol >= 0 or math.isinf(tol):
+        raise ValueError(f"tol must be a finite number >= 0; got {tol!r}")
+
+
+def clip_rank(rank, size, mode):
+    """Clip a rank to the size of its mode, with a warning stating the change."""
+    if rank > size:
+        warnings.warn(
+            f"rank for mode {mode} requested {rank}, but the mode has size {size}; using {size}",
+            stacklevel=4,
+        )
+        return size
+    return rank
+
+
+def random_orthonormal(n_rows, n_columns, random_state, like):
+    """Return an (n_rows, n_columns) matrix with orthonormal columns, drawn from ``random_state``.
+
+    The numbers are drawn by numpy and then moved to the device of ``like``, so a seed gives the
+    same start on every backend and device.
+    """
+    rng = tl.check_random_state(random_state)
+    draw = rng.standard_normal((n_rows, n_columns))
+    q, _ = np.linalg.qr(draw)
+    return backend.to_compute(q, like)
+
+
+def leading_eigenvectors(gram, n_vectors):
+    """Return the eigenvectors of the symmetric ``gram`` for its ``n_vectors`` largest eigenvalues."""
+    _, eigenvectors = tl.eigh((gram + tl.transpose(gram)) / 2)
+    n_rows = tl.shape(gram)[0]
+    columns = list(range(n_rows - 1, n_rows - 1 - n_vectors, -1))
+    return eigenvectors[:, columns]
+
+
+def leading_left_singular_vectors(matrix, n_vectors):
+    """Return the ``n_vectors`` leading left singular vectors of ``matrix``."""
+    n_rows, n_columns = tl.shape(matrix)
+    if n_rows <= n_columns:
+        return leading_eigenvectors(tl.dot(matrix, tl.transpose(matrix)), n_vectors)
+    u, _, _ = tl.svd(matrix, full_matrices=False)
+    return u[:, :n_vectors]
+
+
+def orthonormalise(matrix):
+    """Return the Q factor of a thin QR factorisation of ``matrix``, and its R factor."""
+    q, r = tl.qr(matrix)
+    return q, r
+
+
+def check_callback(callback):
+    """Check that ``callback`` is None or callable."""
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None; got {callback!r}")
+
+
+def has_converged(rec_errors, tol):
+    """Return True when the last sweep decreased the error by less than ``tol`` (relatively)."""
+    if len(rec_errors) < 2:
+        return bool(rec_errors) and rec_errors[-1] == 0
+    previous, current = rec_errors[-2], rec_errors[-1]
+    if previous == 0:
+        return True
+    return (previous - current) <= tol * previous
