@@ -6,8 +6,8 @@ Tucker-2 and CP decompositions that fit their factors in the norm of a metric
 networks with the second moment of each layer's inputs as the metric.
 """
 
-from .decomposition import WeightedTucker2, weighted_tucker2
+from .decomposition import WeightedCP, WeightedTucker2, weighted_parafac, weighted_tucker2
 
 __version__ = "0.1.0"
 
-__all__ = ["weighted_tucker2", "WeightedTucker2"]
+__all__ = ["weighted_tucker2", "WeightedTucker2", "weighted_parafac", "WeightedCP"]
