@@ -1,1 +1,23 @@
 """Compression of PyTorch models with metric-weighted decompositions."""
+
+from .statistics import (
+    InputStatistics,
+    collect_input_statistics,
+    load_statistics,
+    save_statistics,
+)
+
+__all__ = ["InputStatistics", "collect_input_statistics", "load_statistics", "save_statistics"]
+
+from ._counting import conv_macs, count_parameters
+from .layers import CP_LAYOUTS, cp_conv, low_rank_conv1x1, low_rank_linear, tucker2_conv
+
+__all__ += [
+    "CP_LAYOUTS",
+    "conv_macs",
+    "count_parameters",
+    "cp_conv",
+    "low_rank_conv1x1",
+    "low_rank_linear",
+    "tucker2_conv",
+]
