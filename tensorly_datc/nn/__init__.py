@@ -21,3 +21,19 @@ __all__ += [
     "low_rank_linear",
     "tucker2_conv",
 ]
+
+from .compress import compress, select_layers
+from .factorize import factorise_layer, low_rank_factors
+from .ranks import factorised_parameters, ranks_for_ratio
+from .report import CompressionReport, LayerReport
+
+__all__ += [
+    "compress",
+    "select_layers",
+    "factorise_layer",
+    "low_rank_factors",
+    "factorised_parameters",
+    "ranks_for_ratio",
+    "CompressionReport",
+    "LayerReport",
+]

@@ -141,7 +141,13 @@ class InputStatistics:
 
 
 class _MomentAccumulator:
-    """Running float64 sums of ``x``, ``x x^T`` and the number of vectors ``x``."""
+    """Running float64 sums of ``x``, ``x x^T`` and the number of vectors ``x``.
+
+    Each chunk's product ``rows^T rows`` is computed in float64 for float64 inputs and in
+    float32 otherwise (twice as fast on CPUs and far faster on GPUs), then added to float64
+    sums. A chunk holds at most a few thousand rows, so its float32 product is accurate to
+    about 1e-6 relative, while the float64 sums keep that accuracy over millions of rows.
+    """
 
     def __init__(self):
         self.sum_outer = None
@@ -149,14 +155,15 @@ class _MomentAccumulator:
         self.count = 0
 
     def update(self, rows):
-        """Add the rows of ``rows`` (P, D), converted to float64, to the sums."""
-        rows = rows.to(torch.float64)
+        """Add the rows of ``rows`` (P, D) to the sums."""
+        product_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        rows = rows.to(product_dtype)
         if self.sum_outer is None:
             n_features = rows.shape[1]
-            self.sum_outer = rows.new_zeros((n_features, n_features))
-            self.sum = rows.new_zeros(n_features)
-        self.sum_outer.addmm_(rows.T, rows)
-        self.sum += rows.sum(dim=0)
+            self.sum_outer = rows.new_zeros((n_features, n_features), dtype=torch.float64)
+            self.sum = rows.new_zeros(n_features, dtype=torch.float64)
+        self.sum_outer += (rows.T @ rows).to(torch.float64)
+        self.sum += rows.to(torch.float64).sum(dim=0)
         self.count += rows.shape[0]
 
     def to_statistics(self):
@@ -208,7 +215,9 @@ def _accumulate_conv2d(accumulator, module, inputs, max_patches_per_chunk):
     pad = [left, right, top, bottom]
     pad_mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     for start in range(0, inputs.shape[0], images_per_chunk):
-        images = inputs[start : start + images_per_chunk].to(torch.float64)
+        images = inputs[start : start + images_per_chunk]
+        if images.dtype not in (torch.float32, torch.float64):
+            images = images.to(torch.float32)
         if any(pad):
             images = F.pad(images, pad, mode=pad_mode)
         for first_row in range(0, out_height, rows_per_chunk):

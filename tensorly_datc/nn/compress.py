@@ -1,0 +1,383 @@
+"""Whole-model compression: choose layers and ranks, factorise each layer, report."""
+
+import copy
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._counting import conv_macs, count_parameters
+from .factorize import factorise_layer, relative_errors
+from .ranks import factorised_parameters, ranks_for_ratio
+from .report import CompressionReport, LayerReport
+from .statistics import InputStatistics, collect_input_statistics
+
+__all__ = ["compress", "compress_layer", "select_layers"]
+
+logger = logging.getLogger(__name__)
+
+CONV_METHODS = ("tucker2", "cp4", "cp3")
+NORMS = ("sigma", "frobenius")
+CALIBRATIONS = ("one-shot", "sequential")
+
+
+def _describe(module):
+    if isinstance(module, nn.Linear):
+        return f"Linear({module.in_features}, {module.out_features})"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        kernel = "x".join(str(k) for k in module.kernel_size)
+        extra = f", groups={module.groups}" if module.groups > 1 else ""
+        return f"{type(module).__name__}({module.in_channels}, {module.out_channels}, {kernel}{extra})"
+    return type(module).__name__
+
+
+def _skip_reason(module, named):
+    """Return why ``module`` cannot be compressed, or None if it can."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups > 1:
+            return (f"grouped convolution (groups={module.groups}) is not supported; "
+                    "left unchanged")
+        return None
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return f"{type(module).__name__} is not supported (only Conv2d and Linear); left unchanged"
+    if named:
+        return f"{type(module).__name__} has no weight to factorise; left unchanged"
+    return None
+
+
+def select_layers(model, layers=None, exclude=()):
+    """Return the layers to compress and the skipped ones, each as ``(name, module, reason)``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    layers : None, 'all' or iterable of str
+        None: every ``Conv2d`` with a kernel larger than 1x1 and ``groups == 1``. 'all': also
+        1x1 convolutions and ``Linear`` layers. A list of names selects those layers.
+    exclude : iterable of str
+        Names to leave out.
+
+    Returns
+    -------
+    targets : list of (name, module)
+    skipped : list of (name, module, reason)
+    """
+    modules = dict(model.named_modules())
+    exclude = set(exclude)
+    unknown = sorted(exclude - set(modules))
+    if unknown:
+        raise ValueError(f"exclude names layers that are not in the model: {unknown}")
+
+    if layers is None or layers == "all":
+        names = [name for name, module in modules.items()
+                 if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))]
+        named = False
+    elif isinstance(layers, str):
+        raise ValueError(f"layers must be None, 'all' or a list of layer names; got {layers!r}")
+    else:
+        names = list(layers)
+        unknown = sorted(set(names) - set(modules))
+        if unknown:
+            raise ValueError(f"layers names layers that are not in the model: {unknown}")
+        named = True
+
+    targets, skipped = [], []
+    for name in names:
+        if name in exclude:
+            continue
+        module = modules[name]
+        reason = _skip_reason(module, named)
+        if reason is None and not named and layers is None:
+            if isinstance(module, nn.Linear):
+                reason = "Linear layers are compressed only with layers='all' or by name"
+            elif tuple(module.kernel_size) == (1, 1):
+                reason = "1x1 convolutions are compressed only with layers='all' or by name"
+        if reason is None:
+            targets.append((name, module))
+        else:
+            skipped.append((name, module, reason))
+    return targets, skipped
+
+
+def _method_for(module, method):
+    if isinstance(module, nn.Linear) or tuple(module.kernel_size) == (1, 1):
+        return "lowrank"
+    return method
+
+
+def _check_rank(name, method, rank, module):
+    if method == "tucker2":
+        if (not isinstance(rank, (tuple, list)) or len(rank) != 2
+                or not all(isinstance(r, int) and r >= 1 for r in rank)):
+            raise ValueError(
+                f"ranks[{name!r}] must be a pair (out_rank, in_rank) of ints >= 1 for Tucker-2; "
+                f"got {rank!r}"
+            )
+        return tuple(min(r, size) for r, size in zip(rank, module.weight.shape[:2]))
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"ranks[{name!r}] must be an int >= 1 for {method}; got {rank!r}")
+    return rank
+
+
+def _input_sizes(model, example, names):
+    """Return the spatial input size of each named layer for one forward pass of ``example``."""
+    sizes, handles = {}, []
+    modules = dict(model.named_modules())
+    for name in names:
+        def record(module, inputs, name=name):
+            sizes[name] = tuple(inputs[0].shape[-2:])
+        handles.append(modules[name].register_forward_pre_hook(record))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return sizes
+
+
+def _first_example(data, input_size, model):
+    """Return one input sample (batch of 1) for counting MACs, or None."""
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    if input_size is not None:
+        return torch.zeros((1,) + tuple(input_size), device=device)
+    if isinstance(data, torch.Tensor):
+        return data[:1].to(device)
+    return None
+
+
+def _macs(module, size):
+    if size is None:
+        return None
+    return conv_macs(module, size) if not isinstance(module, nn.Linear) else conv_macs(module)
+
+
+def _set_submodule(model, name, module):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _check_options(method, norm, calibration, param_ratio, ranks):
+    if method not in CONV_METHODS:
+        raise ValueError(f"method must be one of {CONV_METHODS}; got {method!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}; got {norm!r}")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}; got {calibration!r}")
+    if param_ratio is not None and (
+        isinstance(param_ratio, bool) or not isinstance(param_ratio, (int, float))
+        or not 0 < param_ratio <= 1
+    ):
+        raise ValueError(f"param_ratio must be a number in (0, 1]; got {param_ratio!r}")
+    if ranks is not None and not isinstance(ranks, Mapping):
+        raise TypeError(f"ranks must be a mapping from layer name to rank; got {type(ranks).__name__}")
+
+
+def _statistics_for(model, data, targets, norm, progress, batch_size, sizes_hook_names):
+    """Return (statistics or None, input sizes) for the target layers."""
+    names = [name for name, _ in targets]
+    if data is None:
+        if norm == "sigma":
+            raise ValueError("data is required for norm='sigma': pass calibration inputs or statistics")
+        return None, {}
+    if isinstance(data, Mapping):
+        missing = [name for name in names if name not in data]
+        if missing:
+            raise ValueError(f"the statistics mapping has no entry for layers {missing}")
+        bad = [name for name in names if not isinstance(data[name], InputStatistics)]
+        if bad:
+            raise TypeError(f"statistics for layers {bad} are not InputStatistics objects")
+        return dict(data), {}
+
+    # Record each layer's spatial input size during the same pass, for the MAC counts.
+    sizes, handles = {}, []
+    modules = dict(model.named_modules())
+    for name in sizes_hook_names:
+        def record(module, inputs, name=name):
+            sizes.setdefault(name, tuple(inputs[0].shape[-2:]))
+        handles.append(modules[name].register_forward_pre_hook(record))
+    try:
+        statistics = collect_input_statistics(
+            model, data, layers=names, progress=progress, batch_size=batch_size
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    return statistics, sizes
+
+
+def compress(
+    model,
+    data=None,
+    *,
+    method="tucker2",
+    param_ratio=None,
+    ranks=None,
+    layers=None,
+    exclude=(),
+    norm="sigma",
+    calibration="one-shot",
+    inplace=False,
+    progress=True,
+    input_size=None,
+    require_fewer_macs=False,
+    batch_size=None,
+    decomposition_options=None,
+):
+    """Compress the convolutional (and optionally linear) layers of a model by factorisation.
+
+    Each selected layer's weight ``W`` is decomposed so as to minimise
+    ``||(W - W~) Sigma^{1/2}||_F``, with ``Sigma`` the second moment of the layer's input
+    patches on calibration data, which is the expected squared change of the layer's output
+    (Kalle et al., NeurIPS 2025), and replaced by a stack of standard layers. With
+    ``calibration='one-shot'`` every layer's statistics come from the original model and the
+    layers are compressed independently.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; it is copied first unless ``inplace=True``.
+    data : tensor, DataLoader, iterable of batches, or mapping of InputStatistics
+        Calibration inputs (any form :func:`collect_input_statistics` takes) or statistics
+        already collected for the target layers. May be None only with ``norm='frobenius'``.
+    method : {'tucker2', 'cp4', 'cp3'}, default is 'tucker2'
+        Factorisation of convolutions with a kernel larger than 1x1: Tucker-2 (1x1, kh x kw,
+        1x1), CP with separate vertical and horizontal depthwise convolutions, or CP with one
+        depthwise kh x kw convolution. 1x1 convolutions and Linear layers always get the
+        closed-form low-rank pair.
+    param_ratio : float in (0, 1], optional
+        Each compressed layer keeps at most this fraction of its weights; ranks are solved per
+        layer. Used for layers without an entry in ``ranks``; 0.5 when both are None.
+    ranks : mapping, optional
+        Layer name to rank: ``(out_rank, in_rank)`` for Tucker-2 (mode 0 is the output
+        channels, as in TensorLy), an int for CP and low-rank layers.
+    layers : None, 'all' or list of str
+        Layers to compress: by default every ``Conv2d`` with a kernel larger than 1x1 and
+        ``groups == 1``; 'all' adds 1x1 convolutions and Linear layers; or a list of names.
+    exclude : iterable of str
+        Layer names to leave unchanged.
+    norm : {'sigma', 'frobenius'}, default is 'sigma'
+        Fit in the input statistics' metric, or in the Frobenius norm of the weights (the
+        classical method, for comparison; the report still gives the metric error when data
+        is given).
+    calibration : {'one-shot', 'sequential'}, default is 'one-shot'
+        'sequential' fits each layer to the inputs of the partially compressed model; see
+        :func:`tensorly_datc.nn.compress_sequential`.
+    inplace : bool, default is False
+        Modify ``model`` itself instead of a copy.
+    progress : bool, default is True
+        Show progress bars over calibration batches and layers.
+    input_size : tuple of int, optional
+        Shape of one input sample without the batch dimension, such as (3, 32, 32), for the
+        MAC counts; by default taken from the calibration data.
+    require_fewer_macs : bool, default is False
+        Also skip layers whose factorised form does not lower the MACs (layers that do not
+        lower the parameters are always skipped).
+    batch_size : int, optional
+        Batch size when ``data`` is one tensor of inputs.
+    decomposition_options : dict, optional
+        Extra arguments for :func:`weighted_tucker2` or :func:`weighted_parafac`, such as
+        ``n_iter_max`` or ``random_state``.
+
+    Returns
+    -------
+    compressed_model : torch.nn.Module
+    report : CompressionReport
+        Per layer: method, ranks, parameters and MACs before and after, relative metric and
+        Frobenius errors; skipped layers with the reason. ``print(report)`` shows a table.
+    """
+    _check_options(method, norm, calibration, param_ratio, ranks)
+    if calibration == "sequential":
+        from .sequential import compress_sequential
+
+        return compress_sequential(
+            model, data, method=method, param_ratio=param_ratio, ranks=ranks, layers=layers,
+            exclude=exclude, norm=norm, inplace=inplace, progress=progress,
+            input_size=input_size, require_fewer_macs=require_fewer_macs,
+            batch_size=batch_size, decomposition_options=decomposition_options,
+        )
+    ranks = dict(ranks or {})
+    if param_ratio is None and not ranks:
+        param_ratio = 0.5
+    targets, skipped = select_layers(model, layers, exclude)
+    unknown = sorted(set(ranks) - {name for name, _ in targets})
+    if unknown:
+        raise ValueError(f"ranks names layers that are not compressed: {unknown}")
+
+    statistics, sizes = _statistics_for(
+        model, data, targets, norm, progress, batch_size, [name for name, _ in targets]
+    )
+    example = _first_example(data, input_size, model)
+    if example is not None:
+        sizes = _input_sizes(model, example, [name for name, _ in targets])
+    work = model if inplace else copy.deepcopy(model)
+    work_modules = dict(work.named_modules())
+
+    report = CompressionReport(method=method, norm=norm, calibration=calibration)
+    rows = {}
+    for name, module, reason in skipped:
+        rows[name] = LayerReport(name, _describe(module), False, reason=reason)
+        logger.info("skipped %s: %s", name, reason)
+
+    for name, _ in tqdm(targets, desc="compressing layers", disable=not progress):
+        rows[name] = compress_layer(
+            work, name, work_modules[name], method, ranks.get(name), param_ratio,
+            statistics[name] if statistics else None, norm, sizes.get(name),
+            require_fewer_macs, decomposition_options,
+        )
+    order = {name: index for index, name in enumerate(dict(model.named_modules()))}
+    report.layers = sorted(rows.values(), key=lambda row: order[row.name])
+    return work, report
+
+
+def compress_layer(model, name, module, method, rank, param_ratio, statistics, norm, input_size,
+                   require_fewer_macs, decomposition_options):
+    """Factorise layer ``name`` of ``model`` in place and return its report row."""
+    layer_method = _method_for(module, method)
+    weight_shape = tuple(module.weight.shape)
+    if rank is None:
+        rank = ranks_for_ratio(layer_method, weight_shape, param_ratio)
+    rank = _check_rank(name, layer_method, rank, module)
+    params_before = count_parameters(module)
+    row = LayerReport(name, _describe(module), False, layer_method, rank, params_before, params_before)
+    row.macs_before = row.macs_after = _macs(module, input_size)
+
+    bias = 0 if module.bias is None else module.bias.numel()
+    planned = factorised_parameters(layer_method, weight_shape, rank) + bias
+    if planned >= params_before:
+        row.reason = (f"factorised form at rank {rank} would have {planned} parameters, "
+                      f"not fewer than {params_before}; left unchanged")
+        logger.info("skipped %s: %s", name, row.reason)
+        return row
+
+    second_moment = statistics.second_moment if statistics is not None else None
+    fit_metric = second_moment if norm == "sigma" else None
+    replacement, approximation, used = factorise_layer(
+        module, layer_method, rank, fit_metric, name=name, options=decomposition_options
+    )
+    macs_after = _macs(replacement, input_size)
+    if require_fewer_macs and macs_after is not None and macs_after >= row.macs_before:
+        row.reason = (f"factorised form would need {macs_after} MACs, not fewer than "
+                      f"{row.macs_before}; left unchanged")
+        logger.info("skipped %s: %s", name, row.reason)
+        return row
+
+    _set_submodule(model, name, replacement)
+    metric = second_moment.to(approximation.device) if second_moment is not None else None
+    row.metric_error, row.frobenius_error = relative_errors(module.weight.detach(), approximation, metric)
+    row.compressed = True
+    row.params_after = count_parameters(replacement)
+    row.macs_after = macs_after
+    if norm == "sigma" and used is None:
+        row.reason = "all-zero input statistics: fitted in the Frobenius norm"
+    logger.info("compressed %s with %s at rank %s: metric error %s", name, layer_method, rank,
+                row.metric_error)
+    return row
