@@ -60,9 +60,9 @@ def ranks_for_ratio(method, weight_shape, param_ratio):
     Examples
     --------
     >>> ranks_for_ratio('tucker2', (64, 64, 3, 3), 0.5)
-    (39, 39)
+    (39, 38)
     >>> ranks_for_ratio('cp4', (64, 64, 3, 3), 0.5)
-    274
+    137
     """
     if not isinstance(param_ratio, (int, float)) or not 0 < param_ratio or math.isinf(param_ratio):
         raise ValueError(f"param_ratio must be a number > 0; got {param_ratio!r}")
