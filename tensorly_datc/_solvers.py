@@ -15,9 +15,13 @@ logger = logging.getLogger(__name__)
 
 SOLVER_NAMES = ("auto", "dense", "cg")
 
-# Number of unknowns up to which 'auto' forms the normal equations densely. A dense system of
-# this side costs a few hundred megaflops to factor, less than one matrix-free sweep.
+# Number of unknowns up to which 'auto' may form the normal equations densely (a few hundred
+# megaflops to factor at most).
 DENSE_MAX_UNKNOWNS = 2048
+
+# 'auto' prefers the dense solve while factoring costs less than this many operator products,
+# about what a warm-started conjugate-gradient solve takes.
+DENSE_COST_IN_PRODUCTS = 30
 
 
 def check_solver(solver):
@@ -26,9 +30,15 @@ def check_solver(solver):
         raise ValueError(f"solver must be one of {SOLVER_NAMES}; got {solver!r}")
 
 
-def use_dense(solver, n_unknowns):
-    """Return True when the normal equations of ``n_unknowns`` unknowns are solved densely."""
-    return solver == "dense" or (solver == "auto" and n_unknowns <= DENSE_MAX_UNKNOWNS)
+def use_dense(solver, n_unknowns, product_flops):
+    """Return True when the normal equations of ``n_unknowns`` unknowns are solved densely.
+
+    ``product_flops`` is the cost of one matrix-free product with the operator.
+    """
+    if solver != "auto":
+        return solver == "dense"
+    factoring_flops = n_unknowns**3 / 3
+    return n_unknowns <= DENSE_MAX_UNKNOWNS and factoring_flops <= DENSE_COST_IN_PRODUCTS * product_flops
 
 
 def _linalg_error_types():

@@ -11,6 +11,10 @@ try:
 except ImportError:  # the core runs without torch
     torch = None
 
+if torch is not None and os.environ.get("PYTEST_XDIST_WORKER"):
+    # One BLAS thread per test worker: the workers already use every core.
+    torch.set_num_threads(1)
+
 BACKENDS = ["numpy"] + (["pytorch"] if torch is not None else [])
 
 # The pretrained models and CIFAR-10 images live beside the repository, never inside it.

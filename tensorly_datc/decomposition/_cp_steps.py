@@ -147,7 +147,7 @@ def update_mode_factor(unfolded, metric, factors, mode, mode_sizes, *, l2_reg, s
             problem.block_systems(), tl.reshape(rhs, column), tl.reshape(factors[mode], column), l2_reg
         )
         return tl.reshape(solution, (problem.size, problem.rank))
-    if use_dense(solver, problem.size * problem.rank):
+    if use_dense(solver, problem.size * problem.rank, 2 * problem.rank * metric.size**2):
         solution = proximal_solve(
             problem.dense_system(), tl.reshape(rhs, (-1,)), tl.reshape(factors[mode], (-1,)), l2_reg
         )

@@ -145,7 +145,7 @@ def update_input_factor(unfolded, metric, output_factor, core, input_factor, *, 
 
     if metric.kind == "diagonal":
         return _solve_diagonal(metric, core3, rhs), 0
-    if use_dense(solver, n_inputs * input_rank):
+    if use_dense(solver, n_inputs * input_rank, 2 * rank_out * metric.size**2):
         system = _dense_input_system(metric, core3, n_inputs)
         solution = spd_solve(system, tl.reshape(rhs, (-1,)))
         return tl.reshape(solution, (n_inputs, input_rank)), 0

@@ -37,3 +37,7 @@ __all__ += [
     "CompressionReport",
     "LayerReport",
 ]
+
+from .serialization import load_compressed, rebuild_structure, save_compressed, structure_of
+
+__all__ += ["load_compressed", "rebuild_structure", "save_compressed", "structure_of"]

@@ -162,7 +162,9 @@ class _MomentAccumulator:
             n_features = rows.shape[1]
             self.sum_outer = rows.new_zeros((n_features, n_features), dtype=torch.float64)
             self.sum = rows.new_zeros(n_features, dtype=torch.float64)
-        self.sum_outer += (rows.T @ rows).to(torch.float64)
+        product = (rows.T @ rows).to(torch.float64)
+        # A float32 product is symmetric only up to rounding; the metric checks need exact symmetry.
+        self.sum_outer += (product + product.T) / 2
         self.sum += rows.to(torch.float64).sum(dim=0)
         self.count += rows.shape[0]
 
