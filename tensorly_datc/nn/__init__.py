@@ -41,3 +41,15 @@ __all__ += [
 from .serialization import load_compressed, rebuild_structure, save_compressed, structure_of
 
 __all__ += ["load_compressed", "rebuild_structure", "save_compressed", "structure_of"]
+
+from .allocation import allocate_ranks, rank_ladder
+from .batchnorm import recalibrate_batchnorm
+from .sequential import collect_cross_statistics, sequential_target
+
+__all__ += [
+    "allocate_ranks",
+    "rank_ladder",
+    "recalibrate_batchnorm",
+    "collect_cross_statistics",
+    "sequential_target",
+]

@@ -12,9 +12,11 @@ from ._counting import conv_macs, count_parameters
 from .factorize import factorise_layer, relative_errors
 from .ranks import factorised_parameters, ranks_for_ratio
 from .report import CompressionReport, LayerReport
+from .allocation import allocate_ranks
+from .sequential import call_order, sequential_fit
 from .statistics import InputStatistics, collect_input_statistics
 
-__all__ = ["compress", "compress_layer", "select_layers"]
+__all__ = ["compress", "compress_layer", "one_shot_fit", "select_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +89,11 @@ def select_layers(model, layers=None, exclude=()):
 
     targets, skipped = [], []
     for name in names:
-        if name in exclude:
-            continue
         module = modules[name]
+        if name in exclude:
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                skipped.append((name, module, "excluded by the caller"))
+            continue
         reason = _skip_reason(module, named)
         if reason is None and not named and layers is None:
             if isinstance(module, nn.Linear):
@@ -144,13 +148,19 @@ def _input_sizes(model, example, names):
 
 
 def _first_example(data, input_size, model):
-    """Return one input sample (batch of 1) for counting MACs, or None."""
+    """Return one input sample (batch of 1) for counting MACs and call order, or None."""
     device = next(iter(model.parameters()), torch.empty(0)).device
     if input_size is not None:
         return torch.zeros((1,) + tuple(input_size), device=device)
     if isinstance(data, torch.Tensor):
         return data[:1].to(device)
-    return None
+    if data is None or isinstance(data, Mapping) or iter(data) is data:
+        # A one-pass iterator was already consumed by the statistics.
+        return None
+    batch = next(iter(data), None)
+    if isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    return batch[:1].to(device) if isinstance(batch, torch.Tensor) else None
 
 
 def _macs(module, size):
@@ -231,6 +241,8 @@ def compress(
     require_fewer_macs=False,
     batch_size=None,
     decomposition_options=None,
+    budget=None,
+    budget_unit="parameters",
 ):
     """Compress the convolutional (and optionally linear) layers of a model by factorisation.
 
@@ -269,8 +281,10 @@ def compress(
         classical method, for comparison; the report still gives the metric error when data
         is given).
     calibration : {'one-shot', 'sequential'}, default is 'one-shot'
-        'sequential' fits each layer to the inputs of the partially compressed model; see
-        :func:`tensorly_datc.nn.compress_sequential`.
+        'sequential' compresses the layers in forward order and fits each one to its inputs
+        in the partially compressed model, with the original layer's output as the target
+        (see :mod:`tensorly_datc.nn.sequential`). It needs calibration inputs, not statistics,
+        and runs the models once per layer over them.
     inplace : bool, default is False
         Modify ``model`` itself instead of a copy.
     progress : bool, default is True
@@ -286,6 +300,13 @@ def compress(
     decomposition_options : dict, optional
         Extra arguments for :func:`weighted_tucker2` or :func:`weighted_parafac`, such as
         ``n_iter_max`` or ``random_state``.
+    budget : float in (0, 1), optional
+        Global allocation: keep this fraction of the compressed layers' total weights (or
+        MACs, with ``budget_unit='macs'``), with ranks spread over the layers to minimise the
+        sum of squared relative metric errors (:func:`tensorly_datc.nn.allocate_ranks`)
+        instead of one ratio for every layer. Exclusive with ``param_ratio`` and ``ranks``.
+    budget_unit : {'parameters', 'macs'}, default is 'parameters'
+        What ``budget`` counts.
 
     Returns
     -------
@@ -295,14 +316,15 @@ def compress(
         Frobenius errors; skipped layers with the reason. ``print(report)`` shows a table.
     """
     _check_options(method, norm, calibration, param_ratio, ranks)
-    if calibration == "sequential":
-        from .sequential import compress_sequential
-
-        return compress_sequential(
-            model, data, method=method, param_ratio=param_ratio, ranks=ranks, layers=layers,
-            exclude=exclude, norm=norm, inplace=inplace, progress=progress,
-            input_size=input_size, require_fewer_macs=require_fewer_macs,
-            batch_size=batch_size, decomposition_options=decomposition_options,
+    if budget is not None and (param_ratio is not None or ranks):
+        raise ValueError("budget allocates the ranks itself; pass either budget or param_ratio/ranks")
+    sequential = calibration == "sequential"
+    if sequential and (data is None or isinstance(data, Mapping)):
+        raise ValueError("calibration='sequential' needs calibration inputs (data), not statistics")
+    if sequential and not isinstance(data, torch.Tensor) and iter(data) is data:
+        raise ValueError(
+            "calibration='sequential' runs over data once per layer; pass a tensor, a DataLoader "
+            "or a list of batches, not a one-pass iterator"
         )
     ranks = dict(ranks or {})
     if param_ratio is None and not ranks:
@@ -312,12 +334,20 @@ def compress(
     if unknown:
         raise ValueError(f"ranks names layers that are not compressed: {unknown}")
 
+    need_statistics = not sequential or budget is not None
     statistics, sizes = _statistics_for(
-        model, data, targets, norm, progress, batch_size, [name for name, _ in targets]
+        model, data if need_statistics else None, targets, "frobenius" if sequential else norm,
+        progress, batch_size, [name for name, _ in targets],
     )
     example = _first_example(data, input_size, model)
     if example is not None:
         sizes = _input_sizes(model, example, [name for name, _ in targets])
+    if budget is not None:
+        ranks = allocate_ranks(
+            [(name, module, _method_for(module, method)) for name, module in targets], budget,
+            statistics=statistics if norm == "sigma" else None, unit=budget_unit,
+            input_sizes=sizes, options={"n_iter_max": 10},
+        )
     work = model if inplace else copy.deepcopy(model)
     work_modules = dict(work.named_modules())
 
@@ -327,20 +357,48 @@ def compress(
         rows[name] = LayerReport(name, _describe(module), False, reason=reason)
         logger.info("skipped %s: %s", name, reason)
 
+    if sequential:
+        reference = copy.deepcopy(model) if inplace else model
+        targets = [(name, None) for name in call_order(reference, example, [n for n, _ in targets])]
+        fit = sequential_fit(reference, work, data, norm, batch_size, decomposition_options)
+    else:
+        fit = one_shot_fit(statistics, norm, decomposition_options)
     for name, _ in tqdm(targets, desc="compressing layers", disable=not progress):
         rows[name] = compress_layer(
             work, name, work_modules[name], method, ranks.get(name), param_ratio,
-            statistics[name] if statistics else None, norm, sizes.get(name),
-            require_fewer_macs, decomposition_options,
+            sizes.get(name), require_fewer_macs, fit,
         )
     order = {name: index for index, name in enumerate(dict(model.named_modules()))}
     report.layers = sorted(rows.values(), key=lambda row: order[row.name])
     return work, report
 
 
-def compress_layer(model, name, module, method, rank, param_ratio, statistics, norm, input_size,
-                   require_fewer_macs, decomposition_options):
-    """Factorise layer ``name`` of ``model`` in place and return its report row."""
+def one_shot_fit(statistics, norm, options):
+    """Return the fitting function of one-shot compression (statistics of the original model)."""
+
+    def fit(name, module, method, rank):
+        second_moment = statistics[name].second_moment if statistics else None
+        fit_metric = second_moment if norm == "sigma" else None
+        replacement, approximation, used = factorise_layer(
+            module, method, rank, fit_metric, name=name, options=options
+        )
+        if second_moment is not None:
+            second_moment = second_moment.to(approximation.device)
+        metric_error, frobenius_error = relative_errors(module.weight.detach(), approximation, second_moment)
+        note = "all-zero input statistics: fitted in the Frobenius norm" if (
+            norm == "sigma" and used is None) else ""
+        return replacement, metric_error, frobenius_error, note
+
+    return fit
+
+
+def compress_layer(model, name, module, method, rank, param_ratio, input_size, require_fewer_macs,
+                   fit):
+    """Factorise layer ``name`` of ``model`` in place and return its report row.
+
+    ``fit(name, module, method, rank)`` returns the replacement, the relative metric and
+    Frobenius errors, and a note for the report.
+    """
     layer_method = _method_for(module, method)
     weight_shape = tuple(module.weight.shape)
     if rank is None:
@@ -358,11 +416,7 @@ def compress_layer(model, name, module, method, rank, param_ratio, statistics, n
         logger.info("skipped %s: %s", name, row.reason)
         return row
 
-    second_moment = statistics.second_moment if statistics is not None else None
-    fit_metric = second_moment if norm == "sigma" else None
-    replacement, approximation, used = factorise_layer(
-        module, layer_method, rank, fit_metric, name=name, options=decomposition_options
-    )
+    replacement, metric_error, frobenius_error, note = fit(name, module, layer_method, rank)
     macs_after = _macs(replacement, input_size)
     if require_fewer_macs and macs_after is not None and macs_after >= row.macs_before:
         row.reason = (f"factorised form would need {macs_after} MACs, not fewer than "
@@ -371,13 +425,10 @@ def compress_layer(model, name, module, method, rank, param_ratio, statistics, n
         return row
 
     _set_submodule(model, name, replacement)
-    metric = second_moment.to(approximation.device) if second_moment is not None else None
-    row.metric_error, row.frobenius_error = relative_errors(module.weight.detach(), approximation, metric)
     row.compressed = True
     row.params_after = count_parameters(replacement)
     row.macs_after = macs_after
-    if norm == "sigma" and used is None:
-        row.reason = "all-zero input statistics: fitted in the Frobenius norm"
+    row.metric_error, row.frobenius_error, row.reason = metric_error, frobenius_error, note
     logger.info("compressed %s with %s at rank %s: metric error %s", name, layer_method, rank,
-                row.metric_error)
+                metric_error)
     return row

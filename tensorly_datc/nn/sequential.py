@@ -1,0 +1,189 @@
+"""Sequential calibration: fit each layer to the inputs of the partially compressed model.
+
+One-shot compression fits every layer to the original model's inputs, so the errors of the
+layers before it are ignored and compound. Here the layers are compressed in forward order.
+For layer ``l``, with ``x`` its input in the original model and ``x~`` its input in the model
+whose earlier layers are already compressed (on the same images and patch positions),
+
+    E || W x - W~ x~ ||^2 = || (W* - W~) Sigma~^{1/2} ||_F^2 + constant,
+    Sigma~ = E[x~ x~^T],  C = E[x x~^T],  W* = W C Sigma~^{-1},
+
+so the layer is fitted to the target ``W*`` in the metric ``Sigma~``: it corrects the upstream
+error instead of ignoring it, in the manner of GPTQ-style layer-wise reconstruction.
+"""
+
+import copy
+import logging
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from .factorize import factorise_layer
+from .statistics import (
+    _MomentAccumulator,
+    _accumulation_function,
+    _iterate_inputs,
+    _model_device,
+    _resolve_batch_size,
+)
+
+__all__ = ["collect_cross_statistics", "sequential_target"]
+
+logger = logging.getLogger(__name__)
+
+
+class _InputCaptured(Exception):
+    """Raised by a hook to stop a forward pass once the layer's input is recorded."""
+
+
+def _capture_input(model, name, inputs):
+    """Return the input of layer ``name`` when ``model`` runs on ``inputs`` (the rest is skipped)."""
+    module = model.get_submodule(name)
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured["input"] = (args[0] if args else kwargs["input"]).detach()
+        raise _InputCaptured
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(inputs)
+    except _InputCaptured:
+        pass
+    finally:
+        handle.remove()
+    if "input" not in captured:
+        raise ValueError(f"layer {name!r} was not called in the forward pass")
+    return captured["input"]
+
+
+def collect_cross_statistics(original, compressed, name, data, *, batch_size=None,
+                             max_patches_per_chunk=4096):
+    """Return the joint moments of layer ``name``'s inputs in two models.
+
+    Both models run on the same batches, only as far as layer ``name``; the two inputs are
+    stacked along the channel axis, so their patches are ``[x; x~]`` and one float64 second
+    moment holds ``Sigma``, ``C`` and ``Sigma~``.
+
+    Returns
+    -------
+    original_moment : torch.Tensor (D, D)
+        ``Sigma = E[x x^T]``.
+    cross_moment : torch.Tensor (D, D)
+        ``C = E[x x~^T]``.
+    compressed_moment : torch.Tensor (D, D)
+        ``Sigma~ = E[x~ x~^T]``.
+    """
+    module = original.get_submodule(name)
+    accumulate = _accumulation_function(module)
+    accumulator = _MomentAccumulator()
+    batch_size = _resolve_batch_size(data, batch_size)
+    device = _model_device(original)
+    modes = [(model, {m: m.training for m in model.modules()}) for model in (original, compressed)]
+    try:
+        original.eval()
+        compressed.eval()
+        with torch.no_grad():
+            for inputs in _iterate_inputs(data, batch_size):
+                inputs = inputs if device is None else inputs.to(device)
+                first = _capture_input(original, name, inputs)
+                second = _capture_input(compressed, name, inputs)
+                joint = torch.cat([first, second], dim=1 if first.ndim == 4 else -1)
+                accumulate(accumulator, module, joint, max_patches_per_chunk)
+    finally:
+        for _, training_modes in modes:
+            for submodule, training in training_modes.items():
+                submodule.training = training
+    # Patches list channels slowest, so the stacked input's patch is [x; x~].
+    moment = accumulator.to_statistics().second_moment
+    size = moment.shape[0] // 2
+    return moment[:size, :size], moment[:size, size:], moment[size:, size:]
+
+
+def sequential_target(weight, cross_moment, compressed_moment, reg=1e-6):
+    """Return ``W* = W C Sigma~^{-1}`` (with a ridge of ``reg`` times the mean eigenvalue)."""
+    matrix = weight.reshape(weight.shape[0], -1).to(torch.float64)
+    size = compressed_moment.shape[0]
+    shift = reg * float(torch.trace(compressed_moment)) / size
+    regularised = compressed_moment + shift * torch.eye(size, dtype=torch.float64, device=matrix.device)
+    target = torch.linalg.solve(regularised, (matrix @ cross_moment).T).T
+    return target.reshape(weight.shape)
+
+
+def output_error(weight, approximation, moments):
+    """Return the relative output error ``E||W x - W~ x~||^2 / E||W x||^2``, as a square root."""
+    original_moment, cross_moment, compressed_moment = moments
+    matrix = weight.reshape(weight.shape[0], -1).to(torch.float64)
+    approx = approximation.reshape(matrix.shape).to(torch.float64)
+    reference = float(torch.sum((matrix @ original_moment) * matrix))
+    error = (reference - 2 * float(torch.sum((matrix @ cross_moment) * approx))
+             + float(torch.sum((approx @ compressed_moment) * approx)))
+    return math.sqrt(max(error, 0.0) / reference) if reference > 0 else 0.0
+
+
+def factorise_sequentially(original, compressed, name, module, method, rank, data, *, norm,
+                           batch_size, options):
+    """Fit layer ``name`` of ``compressed`` to the original layer's output on its current inputs.
+
+    Returns
+    -------
+    replacement : torch.nn.Sequential
+    approximation : torch.Tensor (float64), shaped like the weight
+    moments : (Sigma, C, Sigma~)
+    """
+    moments = collect_cross_statistics(original, compressed, name, data, batch_size=batch_size)
+    _, cross_moment, compressed_moment = moments
+    weight = module.weight.detach()
+    if norm == "sigma" and float(torch.trace(compressed_moment)) > 0:
+        target = sequential_target(weight, cross_moment, compressed_moment).to(weight.dtype)
+        metric = compressed_moment
+    else:
+        target, metric = weight, None
+    surrogate = copy.copy(module)
+    surrogate._parameters = dict(module._parameters)
+    surrogate._parameters["weight"] = torch.nn.Parameter(target, requires_grad=False)
+    replacement, approximation, _ = factorise_layer(
+        surrogate, method, rank, metric, name=name, options=options
+    )
+    return replacement, approximation, moments
+
+
+def call_order(model, example, names):
+    """Return ``names`` sorted by the order in which ``model`` calls the layers on ``example``."""
+    order, handles = {}, []
+    for name in names:
+        def record(module, args, name=name):
+            order.setdefault(name, len(order))
+        handles.append(model.get_submodule(name).register_forward_pre_hook(record))
+    training_modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in training_modes.items():
+            module.training = training
+    missing = [name for name in names if name not in order]
+    if missing:
+        raise ValueError(f"layers {missing} are not called in the model's forward pass")
+    return sorted(names, key=order.__getitem__)
+
+
+def sequential_fit(original, compressed, data, norm, batch_size, options):
+    """Return the fitting function of sequential compression, for ``compress_layer``."""
+
+    def fit(name, module, method, rank):
+        replacement, approximation, moments = factorise_sequentially(
+            original, compressed, name, module, method, rank, data, norm=norm,
+            batch_size=batch_size, options=options,
+        )
+        weight = module.weight.detach()
+        frobenius = float(torch.linalg.norm(weight.double() - approximation.to(weight.device))
+                          / torch.linalg.norm(weight.double()).clamp_min(1e-300))
+        error = output_error(weight, approximation.to(weight.device), moments)
+        return replacement, error, frobenius, "metric err: output error against the original model"
+
+    return fit
