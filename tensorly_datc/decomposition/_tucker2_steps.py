@@ -37,6 +37,9 @@ def update_output_and_core(unfolded, metric, input_factor, output_rank, n_taps):
     -------
     output_factor : tensor of shape (I0, R0), orthonormal columns
     core : tensor of shape (R0, R1 * K)
+    captured : float
+        ``tr(W~ M W~^T)`` of the new model, the sum of the leading eigenvalues; the objective
+        is ``tr(W M W^T) - captured``.
     """
     n_inputs, input_rank = tl.shape(input_factor)
     weighted = metric_times_kron(metric, input_factor, n_taps)
@@ -49,8 +52,9 @@ def update_output_and_core(unfolded, metric, input_factor, output_rank, n_taps):
     solved = spd_solve(normal, tl.transpose(projected))
     gram = tl.dot(projected, solved)
     output_factor = leading_eigenvectors(gram, output_rank)
+    captured = float(tl.sum(output_factor * tl.dot(gram, output_factor)))
     core = tl.dot(tl.transpose(output_factor), tl.transpose(solved))
-    return output_factor, core
+    return output_factor, core, captured
 
 
 def _input_rhs(unfolded, metric, output_factor, core3):
