@@ -5,15 +5,19 @@ from pathlib import Path
 
 import pytest
 import tensorly as tl
+from threadpoolctl import threadpool_limits
 
 try:
     import torch
 except ImportError:  # the core runs without torch
     torch = None
 
-if torch is not None and os.environ.get("PYTEST_XDIST_WORKER"):
-    # One BLAS thread per test worker: the workers already use every core.
-    torch.set_num_threads(1)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One BLAS thread per test worker: the workers already use every core, and oversubscribed
+    # threads make small matrix products wait on each other.
+    threadpool_limits(1)
+    if torch is not None:
+        torch.set_num_threads(1)
 
 BACKENDS = ["numpy"] + (["pytorch"] if torch is not None else [])
 

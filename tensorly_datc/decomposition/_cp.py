@@ -40,6 +40,11 @@ def _check_init(init, shape, rank):
         ) from error
     if len(factors) != len(shape):
         raise ValueError(f"init must hold {len(shape)} factors; got {len(factors)}")
+    weights = init[0]
+    if weights is not None and tuple(tl.shape(weights)) != (rank,):
+        raise ValueError(
+            f"init weights must have shape ({rank},); got {tuple(tl.shape(weights))}"
+        )
     for mode, factor in enumerate(factors):
         if tuple(tl.shape(factor)) != (shape[mode], rank):
             raise ValueError(
@@ -316,6 +321,16 @@ def weighted_parafac(
     >>> [factor.shape for factor in cp_tensor.factors]
     [(8, 5), (6, 5), (3, 5), (3, 5)]
     """
+    with backend.use_backend_of(tensor):
+        return _decompose(tensor, rank, metric, n_iter_max, init, tol, random_state, verbose,
+                          return_errors, callback, normalize_factors, l2_reg, metric_reg, solver,
+                          cg_max_iter)
+
+
+def _decompose(tensor, rank, metric, n_iter_max, init, tol, random_state, verbose,
+               return_errors, callback, normalize_factors, l2_reg, metric_reg, solver,
+               cg_max_iter):
+    """Body of the public function, run under the TensorLy backend of ``tensor``."""
     common.check_tensor(tensor)
     shape = tuple(tl.shape(tensor))
     rank = common.check_int(rank, "rank")
@@ -338,12 +353,11 @@ def weighted_parafac(
     options = dict(n_iter_max=n_iter_max, tol=tol, verbose=verbose, callback=callback,
                    normalize_factors=normalize_factors, l2_reg=l2_reg, solver=solver,
                    cg_max_iter=cg_max_iter, cast=cast)
-    with backend.use_backend_of(tensor):
-        metric = as_metric(metric, tensor, metric_reg=metric_reg)
-        work = backend.to_compute(tensor, tensor)
-        factors = _initial_factors(init, work, metric, rank, random_state)
-        decomposition, rec_errors = _run(work, metric, factors, options)
-        cp_tensor = cast(decomposition)
+    metric = as_metric(metric, tensor, metric_reg=metric_reg)
+    work = backend.to_compute(tensor, tensor)
+    factors = _initial_factors(init, work, metric, rank, random_state)
+    decomposition, rec_errors = _run(work, metric, factors, options)
+    cp_tensor = cast(decomposition)
     if return_errors:
         return cp_tensor, rec_errors
     return cp_tensor

@@ -327,6 +327,14 @@ def weighted_tucker2(
     >>> core.shape, factors[0].shape, factors[1].shape
     ((4, 3, 3, 3), (8, 4), (6, 3))
     """
+    with backend.use_backend_of(tensor):
+        return _decompose(tensor, rank, metric, n_iter_max, init, tol, random_state, verbose,
+                          callback, metric_reg, solver, cg_max_iter)
+
+
+def _decompose(tensor, rank, metric, n_iter_max, init, tol, random_state, verbose, callback,
+               metric_reg, solver, cg_max_iter):
+    """Body of the public function, run under the TensorLy backend of ``tensor``."""
     common.check_tensor(tensor)
     shape = tuple(tl.shape(tensor))
     ranks = _check_rank(rank, shape)
@@ -344,15 +352,14 @@ def weighted_tucker2(
 
     options = dict(n_iter_max=n_iter_max, tol=tol, verbose=verbose, callback=callback,
                    solver=solver, cg_max_iter=cg_max_iter, cast=cast)
-    with backend.use_backend_of(tensor):
-        metric = as_metric(metric, tensor, metric_reg=metric_reg)
-        work = backend.to_compute(tensor, tensor)
-        input_factor = _initial_input_factor(init, work, metric, ranks, random_state)
-        if metric.kind in ("identity", "kronecker"):
-            decomposition, rec_errors = _run_hooi(work, metric, ranks, input_factor, options)
-        else:
-            decomposition, rec_errors = _run_alternating(work, metric, ranks, input_factor, options)
-        return cast(decomposition), rec_errors
+    metric = as_metric(metric, tensor, metric_reg=metric_reg)
+    work = backend.to_compute(tensor, tensor)
+    input_factor = _initial_input_factor(init, work, metric, ranks, random_state)
+    if metric.kind in ("identity", "kronecker"):
+        decomposition, rec_errors = _run_hooi(work, metric, ranks, input_factor, options)
+    else:
+        decomposition, rec_errors = _run_alternating(work, metric, ranks, input_factor, options)
+    return cast(decomposition), rec_errors
 
 
 class WeightedTucker2(DecompositionMixin):
