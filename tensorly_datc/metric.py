@@ -196,7 +196,12 @@ def _is_positive_definite(matrix):
 def _regularise_matrix(matrix, name, metric_reg, size):
     """Check that a symmetric matrix is PSD and add ``metric_reg`` times its mean eigenvalue."""
     mean_eigenvalue = float(tl.trace(matrix)) / size
-    if mean_eigenvalue <= 0:
+    if mean_eigenvalue < 0 or (mean_eigenvalue == 0 and float(tl.max(tl.abs(matrix))) > 0):
+        raise ValueError(
+            f"{name} must be symmetric positive semi-definite; its trace is "
+            f"{mean_eigenvalue * size:.3g}, so it has negative eigenvalues"
+        )
+    if mean_eigenvalue == 0:
         raise ValueError(
             f"{name} is zero (trace {mean_eigenvalue * size:.3g}); a metric must have a "
             "positive trace. For a layer whose inputs are all zero, use the Frobenius norm."
@@ -287,6 +292,11 @@ def as_metric(metric, tensor, *, metric_reg=1e-6):
         If the metric has the wrong shape, is not finite, not symmetric, not positive
         semi-definite, is zero, or lives on another device than ``tensor``.
     """
+    with backend.use_backend_of(tensor):
+        return _as_metric(metric, tensor, metric_reg)
+
+
+def _as_metric(metric, tensor, metric_reg):
     shape = tuple(tl.shape(tensor))
     size = math.prod(shape[1:])
     if not isinstance(metric_reg, (int, float)) or not metric_reg >= 0 or math.isinf(metric_reg):

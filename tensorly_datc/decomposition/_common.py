@@ -58,13 +58,22 @@ def check_tol(tol):
         raise ValueError(f"tol must be a finite number >= 0; got {tol!r}")
 
 
-def clip_rank(rank, size, mode):
-    """Clip a rank to the size of its mode, with a warning stating the change."""
+def warn_clip(mode, requested, limit, reason, stacklevel):
+    """Warn that the rank of ``mode`` was clipped, stating the request, the limit and its reason."""
+    warnings.warn(
+        f"rank for mode {mode} requested {requested}, but the limit is {limit} ({reason}); "
+        f"using {limit}",
+        stacklevel=stacklevel + 1,
+    )
+
+
+def clip_rank(rank, size, mode, stacklevel=2):
+    """Clip a rank to the size of its mode, with a warning stating the change.
+
+    ``stacklevel`` counts from the caller of this function, as in :func:`warnings.warn`.
+    """
     if rank > size:
-        warnings.warn(
-            f"rank for mode {mode} requested {rank}, but the mode has size {size}; using {size}",
-            stacklevel=4,
-        )
+        warn_clip(mode, rank, size, f"the mode has size {size}", stacklevel + 1)
         return size
     return rank
 

@@ -21,14 +21,28 @@ CLOSED_FORM_MIN_ERROR = 1e-3
 
 
 def _check_rank(rank, shape):
-    """Return the Tucker-2 ranks (R0, R1), clipped to the sizes of modes 0 and 1."""
+    """Return the Tucker-2 ranks (R0, R1), clipped to what the model can use.
+
+    Each rank is clipped to the size of its mode, then to the multilinear limit: the mode-0
+    unfolding of the core has R1 * K columns (K the product of the other modes), so a larger
+    R0 adds nothing, and likewise R1 <= R0 * K.
+    """
     if isinstance(rank, (list, tuple)):
         if len(rank) != 2:
             raise ValueError(f"rank must be an int or a pair (rank of mode 0, rank of mode 1); got {rank!r}")
         ranks = [common.check_int(r, f"rank[{mode}]") for mode, r in enumerate(rank)]
     else:
         ranks = [common.check_int(rank, "rank")] * 2
-    return tuple(common.clip_rank(r, shape[mode], mode) for mode, r in enumerate(ranks))
+    for mode in (0, 1):
+        ranks[mode] = common.clip_rank(ranks[mode], shape[mode], mode, stacklevel=4)
+    n_taps = math.prod(shape[2:])
+    for mode in (0, 1):
+        limit = ranks[1 - mode] * n_taps
+        if ranks[mode] > limit:
+            common.warn_clip(mode, ranks[mode], limit, f"the rank of mode {1 - mode} times the size "
+                             "of the remaining modes", stacklevel=4)
+            ranks[mode] = limit
+    return tuple(ranks)
 
 
 def _check_init(init, tensor_shape, ranks):

@@ -22,7 +22,11 @@ def metric_times_kron(metric, input_factor, n_taps):
         blocks = tl.reshape(metric.matrix, (size, n_inputs, n_taps))
         product = backend.einsum("dsk,sr->drk", blocks, input_factor)
         return tl.reshape(product, (size, rank * n_taps))
-    expanded = tl.kron(input_factor, tl.eye(n_taps, **tl.context(input_factor)))
+    # kron(U_S, I_K), built by broadcasting (TensorLy's torch kron rejects column slices).
+    identity = tl.eye(n_taps, **tl.context(input_factor))
+    expanded = tl.reshape(
+        input_factor[:, None, :, None] * identity[None, :, None, :], (size, rank * n_taps)
+    )
     return tl.transpose(metric.rmatmul(tl.transpose(expanded)))
 
 
