@@ -39,8 +39,9 @@ logger = logging.getLogger(__name__)
 SYMMETRY_TOL = 1e-8
 
 # Shift, relative to the mean eigenvalue, under which the PSD check still passes. It absorbs
-# round-off of statistics accumulated in float64 but rejects a clearly indefinite matrix.
-PSD_TOL = 1e-10
+# the round-off of statistics whose chunk products were formed in float32 (eigenvalues down to
+# about -1e-6 times the mean for a singular matrix) but rejects a clearly indefinite matrix.
+PSD_TOL = 1e-5
 
 
 class IdentityMetric:

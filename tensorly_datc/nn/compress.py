@@ -13,6 +13,7 @@ from .factorize import factorise_layer, relative_errors
 from .ranks import factorised_parameters, ranks_for_ratio
 from .report import CompressionReport, LayerReport
 from .allocation import allocate_ranks
+from .distributed import distribute_layers, resolve_distributed
 from .sequential import call_order, sequential_fit
 from .statistics import InputStatistics, collect_input_statistics
 
@@ -116,7 +117,7 @@ def _method_for(module, method):
 def _check_rank(name, method, rank, module):
     if method == "tucker2":
         if (not isinstance(rank, (tuple, list)) or len(rank) != 2
-                or not all(isinstance(r, int) and r >= 1 for r in rank)):
+                or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rank)):
             raise ValueError(
                 f"ranks[{name!r}] must be a pair (out_rank, in_rank) of ints >= 1 for Tucker-2; "
                 f"got {rank!r}"
@@ -135,13 +136,14 @@ def _input_sizes(model, example, names):
         def record(module, inputs, name=name):
             sizes[name] = tuple(inputs[0].shape[-2:])
         handles.append(modules[name].register_forward_pre_hook(record))
-    was_training = model.training
+    training_modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
             model(example)
     finally:
-        model.train(was_training)
+        for module, training in training_modes.items():
+            module.training = training
         for handle in handles:
             handle.remove()
     return sizes
@@ -191,7 +193,8 @@ def _check_options(method, norm, calibration, param_ratio, ranks):
         raise TypeError(f"ranks must be a mapping from layer name to rank; got {type(ranks).__name__}")
 
 
-def _statistics_for(model, data, targets, norm, progress, batch_size, sizes_hook_names):
+def _statistics_for(model, data, targets, norm, progress, batch_size, sizes_hook_names,
+                    distributed=False):
     """Return (statistics or None, input sizes) for the target layers."""
     names = [name for name, _ in targets]
     if data is None:
@@ -216,7 +219,8 @@ def _statistics_for(model, data, targets, norm, progress, batch_size, sizes_hook
         handles.append(modules[name].register_forward_pre_hook(record))
     try:
         statistics = collect_input_statistics(
-            model, data, layers=names, progress=progress, batch_size=batch_size
+            model, data, layers=names, progress=progress, batch_size=batch_size,
+            distributed=distributed,
         )
     finally:
         for handle in handles:
@@ -243,6 +247,7 @@ def compress(
     decomposition_options=None,
     budget=None,
     budget_unit="parameters",
+    distributed=None,
 ):
     """Compress the convolutional (and optionally linear) layers of a model by factorisation.
 
@@ -267,10 +272,11 @@ def compress(
         closed-form low-rank pair.
     param_ratio : float in (0, 1], optional
         Each compressed layer keeps at most this fraction of its weights; ranks are solved per
-        layer. Used for layers without an entry in ``ranks``; 0.5 when both are None.
+        layer. Used for layers without an entry in ``ranks``; 0.5 when None.
     ranks : mapping, optional
         Layer name to rank: ``(out_rank, in_rank)`` for Tucker-2 (mode 0 is the output
-        channels, as in TensorLy), an int for CP and low-rank layers.
+        channels, as in TensorLy), an int for CP and low-rank layers. Layers without an entry
+        use ``param_ratio``.
     layers : None, 'all' or list of str
         Layers to compress: by default every ``Conv2d`` with a kernel larger than 1x1 and
         ``groups == 1``; 'all' adds 1x1 convolutions and Linear layers; or a list of names.
@@ -307,6 +313,18 @@ def compress(
         instead of one ratio for every layer. Exclusive with ``param_ratio`` and ``ranks``.
     budget_unit : {'parameters', 'macs'}, default is 'parameters'
         What ``budget`` counts.
+    distributed : bool, optional
+        Whether to spread the work over the processes of the default torch.distributed
+        process group: each process passes its own shard of the calibration data, the
+        statistics are summed over all shards, and process ``i % world_size`` decomposes the
+        ``i``-th layer and broadcasts the result (:mod:`tensorly_datc.nn.distributed`), so
+        every process returns the same model and report. Statistics passed as ``data`` are
+        used as given, so they must already cover all shards. None (the default) distributes
+        when a group of more than one process is initialised, True requires a group, False
+        compresses on this process alone. With ``budget``, every process allocates the ranks
+        itself, and the owner of a layer uses its own allocation. For outputs equal to a
+        single-process run, pass an integer ``random_state`` in ``decomposition_options``
+        when ``init='random'``.
 
     Returns
     -------
@@ -314,11 +332,25 @@ def compress(
     report : CompressionReport
         Per layer: method, ranks, parameters and MACs before and after, relative metric and
         Frobenius errors; skipped layers with the reason. ``print(report)`` shows a table.
+
+    Raises
+    ------
+    NotImplementedError
+        If ``calibration='sequential'`` is combined with a distributed group of more than one
+        process, because each layer's fit needs the previous layers' replacements.
+    RuntimeError
+        If ``distributed`` is True and no torch.distributed process group is initialised.
     """
     _check_options(method, norm, calibration, param_ratio, ranks)
+    parallel = resolve_distributed(distributed)
     if budget is not None and (param_ratio is not None or ranks):
         raise ValueError("budget allocates the ranks itself; pass either budget or param_ratio/ranks")
     sequential = calibration == "sequential"
+    if sequential and parallel:
+        raise NotImplementedError(
+            "calibration='sequential' does not run across processes; use calibration='one-shot' "
+            "or pass distributed=False and the whole data set on one process"
+        )
     if sequential and (data is None or isinstance(data, Mapping)):
         raise ValueError("calibration='sequential' needs calibration inputs (data), not statistics")
     if sequential and not isinstance(data, torch.Tensor) and iter(data) is data:
@@ -327,7 +359,7 @@ def compress(
             "or a list of batches, not a one-pass iterator"
         )
     ranks = dict(ranks or {})
-    if param_ratio is None and not ranks:
+    if param_ratio is None:
         param_ratio = 0.5
     targets, skipped = select_layers(model, layers, exclude)
     unknown = sorted(set(ranks) - {name for name, _ in targets})
@@ -337,11 +369,16 @@ def compress(
     need_statistics = not sequential or budget is not None
     statistics, sizes = _statistics_for(
         model, data if need_statistics else None, targets, "frobenius" if sequential else norm,
-        progress, batch_size, [name for name, _ in targets],
+        progress, batch_size, [name for name, _ in targets], distributed=parallel,
     )
     example = _first_example(data, input_size, model)
     if example is not None:
         sizes = _input_sizes(model, example, [name for name, _ in targets])
+    if (require_fewer_macs or budget_unit == "macs") and not sizes:
+        raise ValueError(
+            "counting MACs needs the input size: pass input_size (one sample's shape, such as "
+            "(3, 32, 32)) when data is a statistics mapping or a one-pass iterator"
+        )
     if budget is not None:
         ranks = allocate_ranks(
             [(name, module, _method_for(module, method)) for name, module in targets], budget,
@@ -363,11 +400,19 @@ def compress(
         fit = sequential_fit(reference, work, data, norm, batch_size, decomposition_options)
     else:
         fit = one_shot_fit(statistics, norm, decomposition_options)
-    for name, _ in tqdm(targets, desc="compressing layers", disable=not progress):
-        rows[name] = compress_layer(
+
+    def compress_target(name):
+        return compress_layer(
             work, name, work_modules[name], method, ranks.get(name), param_ratio,
             sizes.get(name), require_fewer_macs, fit,
         )
+
+    names = [name for name, _ in targets]
+    if parallel:
+        rows.update(distribute_layers(work, names, compress_target, progress=progress))
+    else:
+        for name in tqdm(names, desc="compressing layers", disable=not progress):
+            rows[name] = compress_target(name)
     order = {name: index for index, name in enumerate(dict(model.named_modules()))}
     report.layers = sorted(rows.values(), key=lambda row: order[row.name])
     return work, report

@@ -82,6 +82,15 @@ def ranks_for_ratio(method, weight_shape, param_ratio):
     def fits(rank_out, rank_in):
         return factorised_parameters(method, weight_shape, (rank_out, rank_in)) <= budget
 
+    # Lifting a rank to 1 can break the budget; lower the other rank while it is above 1.
+    while not fits(rank_out, rank_in) and max(rank_out, rank_in) > 1:
+        if rank_out / out_channels >= rank_in / in_channels and rank_out > 1:
+            rank_out -= 1
+        elif rank_in > 1:
+            rank_in -= 1
+        else:
+            rank_out -= 1
+
     grown = True
     while grown:
         grown = False

@@ -6,6 +6,7 @@ rebuilds that structure on an uncompressed model of the same architecture, then 
 weights strictly. Nothing in the file is executed.
 """
 
+import copy
 import json
 import os
 
@@ -71,6 +72,11 @@ def rebuild_structure(model, structure):
         name = entry["name"]
         if name not in modules:
             raise ValueError(f"layer {name!r} of the saved structure is not in the model")
+        if not isinstance(modules[name], (nn.Conv2d, nn.Linear)):
+            raise ValueError(
+                f"layer {name!r} of the model is a {type(modules[name]).__name__}, not the "
+                "Conv2d or Linear that was compressed; pass a freshly built, uncompressed model"
+            )
         rank = tuple(entry["rank"]) if isinstance(entry["rank"], list) else entry["rank"]
         replacement = _placeholder(modules[name], entry["method"], rank)
         parent_name, _, child = name.rpartition(".")
@@ -102,7 +108,11 @@ def load_compressed(model, path):
     FileNotFoundError
         If ``path`` does not exist.
     ValueError
-        If the file is not a compressed model saved by this library or is damaged.
+        If the file is not a compressed model saved by this library or is damaged, or
+        ``model`` does not have the layers it describes.
+    RuntimeError
+        If the weights do not fit the rebuilt model (another architecture); ``model`` is then
+        left unchanged.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -120,6 +130,9 @@ def load_compressed(model, path):
     except (KeyError, json.JSONDecodeError) as error:
         raise ValueError(f"{path} has a damaged structure description") from error
 
+    # Rebuild and load on a copy first, so a mismatch leaves ``model`` as it was.
+    trial = rebuild_structure(copy.deepcopy(model), structure)
+    trial.load_state_dict(state, strict=True)
     rebuild_structure(model, structure)
     model.load_state_dict(state, strict=True)
     return model

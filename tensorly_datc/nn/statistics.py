@@ -337,6 +337,7 @@ def collect_input_statistics(
     device=None,
     progress=True,
     max_patches_per_chunk=4096,
+    distributed=None,
 ):
     """Collect the second moment of the inputs of a model's layers over calibration data.
 
@@ -371,6 +372,15 @@ def collect_input_statistics(
         Maximum number of patches (or rows) unfolded at once, which bounds the memory to
         about ``8 * max_patches_per_chunk * D`` bytes per layer (151 MB for a 512-channel
         3x3 convolution). A single output row of one image is never split.
+    distributed : bool, optional
+        Whether to combine the statistics of all processes of the default torch.distributed
+        process group with :func:`tensorly_datc.nn.distributed.all_reduce_statistics`, so
+        that each process, which passes its own shard of the data as ``data`` (for example
+        through a :class:`~torch.utils.data.DistributedSampler`), returns the statistics of
+        the union of all shards. None (the default) combines them when a group of more than one
+        process is initialised, True requires a group, False returns this process's shard
+        alone. Every process of the group must then call this function with the same model
+        and ``layers``.
 
     Returns
     -------
@@ -386,11 +396,14 @@ def collect_input_statistics(
         If a name in ``layers`` is not a module of ``model`` or not a Conv2d or Linear
         layer, if a layer's input contains NaN or inf (the message names the layer), or
         if ``batch_size`` is given for non-tensor ``data``.
+    RuntimeError
+        If ``distributed`` is True and no torch.distributed process group is initialised.
 
     Notes
     -----
     Grouped convolutions (``groups > 1``) are not collected; a log line names each one.
-    Layers that never run during the pass are left out of the result, with a warning.
+    Layers that never run during the pass (on any process, when the statistics are combined)
+    are left out of the result, with a warning.
 
     Examples
     --------
@@ -406,7 +419,11 @@ def collect_input_statistics(
     >>> statistics["2"].second_moment.shape
     torch.Size([128, 128])
     """
+    # Imported here because the distributed module builds on InputStatistics.
+    from .distributed import all_reduce_statistics, resolve_distributed
+
     # Check arguments
+    combine = resolve_distributed(distributed)
     if max_patches_per_chunk < 1:
         raise ValueError(
             f"max_patches_per_chunk must be a positive integer; got {max_patches_per_chunk}"
@@ -433,15 +450,27 @@ def collect_input_statistics(
     with progress_bar:
         _run_with_hooks(model, hooks, progress_bar, device)
 
-    # Leave out the layers that never ran
-    never_run = [name for name, accumulator in accumulators.items() if accumulator.count == 0]
+    # Combine the shards of all processes, then leave out the layers that never ran
+    statistics = {
+        name: _layer_statistics(accumulators[name], module) for name, module in selected.items()
+    }
+    if combine:
+        statistics = all_reduce_statistics(statistics)
+    never_run = [name for name, layer in statistics.items() if layer.count == 0]
     if never_run:
         logger.warning("Layers %s received no input, so they are left out of the result", never_run)
-    return {
-        name: accumulator.to_statistics()
-        for name, accumulator in accumulators.items()
-        if accumulator.count > 0
-    }
+    return {name: layer for name, layer in statistics.items() if layer.count > 0}
+
+
+def _layer_statistics(accumulator, module):
+    """Return the accumulated statistics, or zeros with count 0 if ``module`` never ran."""
+    if accumulator.count > 0:
+        return accumulator.to_statistics()
+    # An input vector has one entry per weight of an output channel: in_channels * kh * kw
+    # for a Conv2d, in_features for a Linear.
+    n_features = module.weight[0].numel()
+    second_moment = module.weight.new_zeros((n_features, n_features), dtype=torch.float64)
+    return InputStatistics(second_moment, second_moment.new_zeros(n_features), 0)
 
 
 def _resolve_batch_size(data, batch_size):
