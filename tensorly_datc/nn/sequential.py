@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 
 from .factorize import factorise_layer
 from .statistics import (
-    _MomentAccumulator,
     _accumulation_function,
     _iterate_inputs,
     _model_device,
@@ -58,29 +57,60 @@ def _capture_input(model, name, inputs):
     return captured["input"]
 
 
+class _CrossAccumulator:
+    """Running float64 sums of ``x~ x~^T``, ``x x~^T`` and ``|W x|^2`` over stacked patches.
+
+    Each row is ``[x, x~]``; the original input's own second moment is not needed, only the
+    output energy ``|W x|^2`` that normalises the error, which costs ``T D`` per row instead of
+    ``D^2``. Chunk products are formed as in :class:`_MomentAccumulator`.
+    """
+
+    def __init__(self, weight):
+        self.weight = weight.reshape(weight.shape[0], -1)
+        self.compressed_outer = None
+        self.cross = None
+        self.output_energy = 0.0
+        self.count = 0
+
+    def update(self, rows):
+        product_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        rows = rows.to(product_dtype)
+        size = rows.shape[1] // 2
+        original, compressed = rows[:, :size], rows[:, size:]
+        if self.cross is None:
+            self.compressed_outer = rows.new_zeros((size, size), dtype=torch.float64)
+            self.cross = rows.new_zeros((size, size), dtype=torch.float64)
+        outer = (compressed.T @ compressed).to(torch.float64)
+        self.compressed_outer += (outer + outer.T) / 2
+        self.cross += (original.T @ compressed).to(torch.float64)
+        outputs = original @ self.weight.to(product_dtype).T
+        self.output_energy += float(torch.sum(outputs.to(torch.float64) ** 2))
+        self.count += rows.shape[0]
+
+
 def collect_cross_statistics(original, compressed, name, data, *, batch_size=None,
                              max_patches_per_chunk=4096):
     """Return the joint moments of layer ``name``'s inputs in two models.
 
     Both models run on the same batches, only as far as layer ``name``; the two inputs are
-    stacked along the channel axis, so their patches are ``[x; x~]`` and one float64 second
-    moment holds ``Sigma``, ``C`` and ``Sigma~``.
+    stacked along the channel axis, so their patches are ``[x; x~]`` with the layer's own
+    geometry.
 
     Returns
     -------
-    original_moment : torch.Tensor (D, D)
-        ``Sigma = E[x x^T]``.
     cross_moment : torch.Tensor (D, D)
         ``C = E[x x~^T]``.
     compressed_moment : torch.Tensor (D, D)
         ``Sigma~ = E[x~ x~^T]``.
+    output_energy : float
+        ``E|W x|^2``, the mean squared output of the original layer (without bias).
     """
     module = original.get_submodule(name)
     accumulate = _accumulation_function(module)
-    accumulator = _MomentAccumulator()
+    accumulator = _CrossAccumulator(module.weight.detach())
     batch_size = _resolve_batch_size(data, batch_size)
     device = _model_device(original)
-    modes = [(model, {m: m.training for m in model.modules()}) for model in (original, compressed)]
+    modes = [{m: m.training for m in model.modules()} for model in (original, compressed)]
     try:
         original.eval()
         compressed.eval()
@@ -92,13 +122,14 @@ def collect_cross_statistics(original, compressed, name, data, *, batch_size=Non
                 joint = torch.cat([first, second], dim=1 if first.ndim == 4 else -1)
                 accumulate(accumulator, module, joint, max_patches_per_chunk)
     finally:
-        for _, training_modes in modes:
+        for training_modes in modes:
             for submodule, training in training_modes.items():
                 submodule.training = training
-    # Patches list channels slowest, so the stacked input's patch is [x; x~].
-    moment = accumulator.to_statistics().second_moment
-    size = moment.shape[0] // 2
-    return moment[:size, :size], moment[:size, size:], moment[size:, size:]
+    if accumulator.count == 0:
+        raise ValueError(f"layer {name!r} saw no calibration input")
+    count = accumulator.count
+    return (accumulator.cross / count, accumulator.compressed_outer / count,
+            accumulator.output_energy / count)
 
 
 def sequential_target(weight, cross_moment, compressed_moment, reg=1e-6):
@@ -112,14 +143,13 @@ def sequential_target(weight, cross_moment, compressed_moment, reg=1e-6):
 
 
 def output_error(weight, approximation, moments):
-    """Return the relative output error ``E||W x - W~ x~||^2 / E||W x||^2``, as a square root."""
-    original_moment, cross_moment, compressed_moment = moments
+    """Return the relative output error ``sqrt(E|W x - W~ x~|^2 / E|W x|^2)``."""
+    cross_moment, compressed_moment, output_energy = moments
     matrix = weight.reshape(weight.shape[0], -1).to(torch.float64)
     approx = approximation.reshape(matrix.shape).to(torch.float64)
-    reference = float(torch.sum((matrix @ original_moment) * matrix))
-    error = (reference - 2 * float(torch.sum((matrix @ cross_moment) * approx))
+    error = (output_energy - 2 * float(torch.sum((matrix @ cross_moment) * approx))
              + float(torch.sum((approx @ compressed_moment) * approx)))
-    return math.sqrt(max(error, 0.0) / reference) if reference > 0 else 0.0
+    return math.sqrt(max(error, 0.0) / output_energy) if output_energy > 0 else 0.0
 
 
 def factorise_sequentially(original, compressed, name, module, method, rank, data, *, norm,
@@ -130,10 +160,10 @@ def factorise_sequentially(original, compressed, name, module, method, rank, dat
     -------
     replacement : torch.nn.Sequential
     approximation : torch.Tensor (float64), shaped like the weight
-    moments : (Sigma, C, Sigma~)
+    moments : (C, Sigma~, E|W x|^2)
     """
     moments = collect_cross_statistics(original, compressed, name, data, batch_size=batch_size)
-    _, cross_moment, compressed_moment = moments
+    cross_moment, compressed_moment, _ = moments
     weight = module.weight.detach()
     if norm == "sigma" and float(torch.trace(compressed_moment)) > 0:
         target = sequential_target(weight, cross_moment, compressed_moment).to(weight.dtype)
