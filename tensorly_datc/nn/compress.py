@@ -2,6 +2,7 @@
 
 import copy
 import logging
+import math
 from collections.abc import Mapping
 
 import torch
@@ -122,7 +123,16 @@ def _check_rank(name, method, rank, module):
                 f"ranks[{name!r}] must be a pair (out_rank, in_rank) of ints >= 1 for Tucker-2; "
                 f"got {rank!r}"
             )
-        return tuple(min(r, size) for r, size in zip(rank, module.weight.shape[:2]))
+        rank_out, rank_in = (min(r, size) for r, size in zip(rank, module.weight.shape[:2]))
+        # As weighted_tucker2 does, lower a rank above the other rank times the kernel taps,
+        # which adds nothing, so the report and saved structure match the layers built.
+        n_taps = math.prod(module.weight.shape[2:])
+        rank_out = min(rank_out, rank_in * n_taps)
+        rank_in = min(rank_in, rank_out * n_taps)
+        if (rank_out, rank_in) != tuple(rank):
+            logger.info("Tucker-2 rank of %s lowered from %s to %s to fit the layer's shape",
+                        name, tuple(rank), (rank_out, rank_in))
+        return rank_out, rank_in
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"ranks[{name!r}] must be an int >= 1 for {method}; got {rank!r}")
     return rank

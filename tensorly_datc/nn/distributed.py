@@ -1,13 +1,13 @@
 """Input statistics and compression spread over the processes of a torch.distributed group.
 
 Each process collects the input statistics of its own shard of the calibration data, and
-:func:`all_reduce_statistics` sums the shards' moments so that every process holds the
+:func:`all_reduce_statistics` sums the shards' moments so that every process has the
 statistics of the whole data set. :func:`distribute_layers` then lets process ``i % world_size``
 decompose the ``i``-th layer and sends each replacement to the other processes, so every
 process ends with the same compressed model.
 
 Everything here uses the default process group. With the gloo backend the collectives take
-CPU tensors; with nccl they take tensors on ``torch.cuda.current_device()``, so each process
+CPU tensors. With nccl they take tensors on ``torch.cuda.current_device()``, so each process
 must call ``torch.cuda.set_device`` with its own GPU before it collects or compresses.
 """
 
@@ -68,20 +68,36 @@ def _communication_device():
     """Return the device of the tensors that the default process group's collectives take."""
     if dist.get_backend() == dist.Backend.NCCL:
         return torch.device("cuda", torch.cuda.current_device())
-    # NOTE: gloo, mpi and the mixed "cpu:gloo,cuda:nccl" backend take CPU tensors. A backend
-    # that only takes accelerator tensors (other than nccl) is not handled and fails here.
+    # gloo, mpi and a group created without a backend name (gloo for CPU tensors) take CPU
+    # tensors. NOTE: a backend other than nccl that takes only accelerator tensors fails here.
     return torch.device("cpu")
 
 
-def _check_same_layers(statistics):
-    """Raise ValueError unless every process has statistics of the same layers and sizes."""
-    local_layers = sorted((name, layer.n_features) for name, layer in statistics.items())
-    all_layers = [None] * dist.get_world_size()
-    dist.all_gather_object(all_layers, local_layers)
+def _check_statistics_match(statistics):
+    """Raise unless every process has InputStatistics of the same layers and sizes.
 
-    # Every process receives the same lists, so every process raises the same error.
-    reference = dict(all_layers[0])
-    for rank, layers in enumerate(all_layers[1:], start=1):
+    The processes exchange their layer lists first, so all of them raise the same error and
+    none is left waiting in an all-reduce that another process never joins.
+    """
+    invalid = [
+        f"statistics[{name!r}] must be an InputStatistics; got {type(layer).__name__}"
+        for name, layer in statistics.items()
+        if not isinstance(layer, InputStatistics)
+    ]
+    local_layers = sorted(
+        (name, layer.n_features)
+        for name, layer in statistics.items()
+        if isinstance(layer, InputStatistics)
+    )
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (local_layers, invalid))
+
+    # Check the types, then compare every process's layers with those of process 0
+    for rank, (_, rank_invalid) in enumerate(gathered):
+        if rank_invalid:
+            raise TypeError(f"on process {rank}, {'; '.join(rank_invalid)}")
+    reference = dict(gathered[0][0])
+    for rank, (layers, _) in enumerate(gathered[1:], start=1):
         layers = dict(layers)
         missing = sorted(set(reference) - set(layers))
         extra = sorted(set(layers) - set(reference))
@@ -103,7 +119,7 @@ def _check_same_layers(statistics):
 
 
 def _all_reduce_layer(layer_statistics, device):
-    """Return the statistics of one layer summed over all processes, on the layer's device."""
+    """Return one layer's statistics combined over all processes, on the layer's device."""
     n_features = layer_statistics.n_features
     count = float(layer_statistics.count)
 
@@ -152,7 +168,7 @@ def all_reduce_statistics(statistics):
     RuntimeError
         If no process group is initialised.
     TypeError
-        If a value of ``statistics`` is not an InputStatistics.
+        If a value of ``statistics`` is not an InputStatistics on any process.
     ValueError
         If the processes pass different layer names or different feature counts for a layer.
         The message names the differing process and layers.
@@ -162,13 +178,7 @@ def all_reduce_statistics(statistics):
             "all_reduce_statistics needs an initialised torch.distributed process group; call "
             "torch.distributed.init_process_group first"
         )
-    for name, layer_statistics in statistics.items():
-        if not isinstance(layer_statistics, InputStatistics):
-            raise TypeError(
-                f"statistics[{name!r}] must be an InputStatistics; "
-                f"got {type(layer_statistics).__name__}"
-            )
-    _check_same_layers(statistics)
+    _check_statistics_match(statistics)
 
     # Reduce the layers in sorted order, which is the same on every process
     device = _communication_device()
@@ -176,42 +186,49 @@ def all_reduce_statistics(statistics):
     return {name: reduced[name] for name in statistics}
 
 
-def _compress_own_layers(names, compress_one, progress):
-    """Compress this process's share of ``names`` and return {name: row}.
+def _raise_if_any_failed(failure, action):
+    """Raise on every process if any process reports a failure.
 
-    A failure on any process is raised on every process: the failing one re-raises its own
-    error, the others raise RuntimeError naming the layer and the process. Without this the
-    other processes would wait forever for the failed process's layers.
+    ``failure`` is None, or ``(layer name, exception)`` on a process where ``action`` failed.
+    That process re-raises its exception and the others raise RuntimeError naming the layer
+    and the process, so no process is left waiting in a collective that the failed one never
+    joins. Every process of the group must call this function.
     """
+    reports = [None] * dist.get_world_size()
+    local_report = None
+    if failure is not None:
+        name, error = failure
+        local_report = (name, f"{type(error).__name__}: {error}")
+    dist.all_gather_object(reports, local_report)
+    if failure is not None:
+        raise failure[1]
+    for rank, report in enumerate(reports):
+        if report is not None:
+            name, message = report
+            raise RuntimeError(f"layer {name!r} failed to {action} on process {rank}: {message}")
+
+
+def _compress_own_layers(names, compress_one, progress):
+    """Compress this process's share of ``names`` and return {name: row}."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     own_names = names[rank::world_size]
     logger.info("process %d compresses layers %s", rank, own_names)
-    rows, failure, failed_name = {}, None, None
+    rows, failure = {}, None
     for name in tqdm(own_names, desc=f"compressing layers (process {rank})", disable=not progress):
         try:
             rows[name] = compress_one(name)
-        except Exception as error:  # re-raised below, after the other processes hear of it
-            failure, failed_name = error, name
+        except Exception as error:  # raised again on every process by _raise_if_any_failed
+            failure = (name, error)
             break
-
-    failures = [None] * world_size
-    message = None if failure is None else f"{type(failure).__name__}: {failure}"
-    dist.all_gather_object(failures, None if failure is None else (failed_name, message))
-    if failure is not None:
-        raise failure
-    for failed_rank, failed in enumerate(failures):
-        if failed is not None:
-            raise RuntimeError(
-                f"layer {failed[0]!r} failed to compress on process {failed_rank}: {failed[1]}"
-            )
+    _raise_if_any_failed(failure, "compress")
     return rows
 
 
-def _share_layer(model, name, row, owner):
-    """Broadcast layer ``name``'s report row and replacement from ``owner``; return the row.
+def _broadcast_layer(model, name, row, owner):
+    """Broadcast layer ``name``'s report row and replacement weights from process ``owner``.
 
-    The other processes replace their original layer by a stack of the same structure and load
-    the owner's weights into it.
+    Returns ``(row, state)`` on every process, where ``state`` is the replacement's
+    ``state_dict`` on the CPU, or None for a layer left unchanged.
     """
     payload = [None]
     if dist.get_rank() == owner:
@@ -225,14 +242,13 @@ def _share_layer(model, name, row, owner):
     # NOTE: broadcast_object_list pickles the weights, which is fine for CNN layers of a few
     # MB but makes a temporary CPU copy and a pickled copy of each replacement.
     dist.broadcast_object_list(payload, src=owner)
-    if dist.get_rank() == owner:
-        return row
+    return payload[0]
 
-    row, state = payload[0]
-    if row.compressed:
-        rebuild_structure(model, [{"name": name, "method": row.method, "rank": row.rank}])
-        model.get_submodule(name).load_state_dict(state, strict=True)
-    return row
+
+def _load_replacement(model, name, row, state):
+    """Replace layer ``name`` by an empty stack of the row's method and rank, and load ``state``."""
+    rebuild_structure(model, [{"name": name, "method": row.method, "rank": row.rank}])
+    model.get_submodule(name).load_state_dict(state, strict=True)
 
 
 def distribute_layers(model, names, compress_one, *, progress=True):
@@ -264,13 +280,24 @@ def distribute_layers(model, names, compress_one, *, progress=True):
     Raises
     ------
     RuntimeError
-        If ``compress_one`` raised on another process; the process where it raised re-raises
-        the original error.
+        If ``compress_one`` raised on another process, or if the weights of a layer do not
+        fit the stack rebuilt from its report row on another process. The process where the
+        error happened re-raises the original error.
     """
     names = list(names)
     rows = _compress_own_layers(names, compress_one, progress)
 
-    world_size = dist.get_world_size()
+    # Send each replacement from its owner to the other processes
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    failure = None
     for index, name in enumerate(names):
-        rows[name] = _share_layer(model, name, rows.get(name), owner=index % world_size)
+        owner = index % world_size
+        rows[name], state = _broadcast_layer(model, name, rows.get(name), owner)
+        if rank == owner or not rows[name].compressed or failure is not None:
+            continue
+        try:
+            _load_replacement(model, name, rows[name], state)
+        except (RuntimeError, ValueError) as error:  # a stack whose shapes differ from the owner's
+            failure = (name, error)
+    _raise_if_any_failed(failure, "load the owner's weights")
     return {name: rows[name] for name in names}

@@ -374,13 +374,13 @@ def collect_input_statistics(
         3x3 convolution). A single output row of one image is never split.
     distributed : bool, optional
         Whether to combine the statistics of all processes of the default torch.distributed
-        process group with :func:`tensorly_datc.nn.distributed.all_reduce_statistics`, so
-        that each process, which passes its own shard of the data as ``data`` (for example
-        through a :class:`~torch.utils.data.DistributedSampler`), returns the statistics of
-        the union of all shards. None (the default) combines them when a group of more than one
+        process group with :func:`tensorly_datc.nn.distributed.all_reduce_statistics`. Each
+        process passes its own shard of the data as ``data``, for example through a
+        :class:`~torch.utils.data.DistributedSampler`, and returns the statistics of the
+        union of all shards. None (the default) combines them when a group of more than one
         process is initialised, True requires a group, False returns this process's shard
-        alone. Every process of the group must then call this function with the same model
-        and ``layers``.
+        alone. When combining, every process of the group must call this function with the
+        same model and ``layers``.
 
     Returns
     -------
