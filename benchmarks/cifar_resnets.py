@@ -21,6 +21,7 @@ printed as a Markdown table and written as JSON to ``--output``.
 """
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -55,6 +56,10 @@ def parse_arguments(argv=None):
     return parser.parse_args(argv)
 
 
+# Sequentially compressed models by (model, ratio), shared by the rows with and without BN.
+_SEQUENTIAL_CACHE = {}
+
+
 def run_row(row, model, ratio, calibration, statistics, crop_statistics, arguments):
     """Compress ``model`` as ``row`` says; return the compressed model and its report."""
     options = {"n_iter_max": arguments.n_iter_max, "random_state": arguments.seed}
@@ -68,10 +73,14 @@ def run_row(row, model, ratio, calibration, statistics, crop_statistics, argumen
                         param_ratio=ratio, **common)
     if row == "transfer-tucker2":
         return compress(model, crop_statistics, param_ratio=ratio, **common)
-    compressed, report = compress(model, calibration, calibration="sequential", budget=ratio,
-                                  **common)
+    key = (id(model), ratio)
+    if key not in _SEQUENTIAL_CACHE:
+        _SEQUENTIAL_CACHE[key] = compress(model, calibration, calibration="sequential",
+                                          budget=ratio, **common)
+    compressed, report = _SEQUENTIAL_CACHE[key]
     if row == "sequential-budget-bn":
-        recalibrate_batchnorm(compressed, calibration, progress=False)
+        # Re-estimating BatchNorm reuses the sequential model instead of compressing again.
+        compressed = recalibrate_batchnorm(copy.deepcopy(compressed), calibration, progress=False)
     return compressed, report
 
 
