@@ -11,7 +11,7 @@ import tensorly as tl
 
 from .. import _backend as backend
 from .._solvers import conjugate_gradient, spd_pseudo_inverse, spd_solve, use_dense
-from ._common import leading_eigenvectors
+from ._common import leading_eigenvectors, leading_left_singular_vectors
 
 
 def metric_times_kron(metric, input_factor, n_taps):
@@ -54,11 +54,27 @@ def update_output_and_core(unfolded, metric, input_factor, output_rank, n_taps):
     normal = (normal + tl.transpose(normal)) / 2
     projected = tl.dot(unfolded, weighted)
     solved = spd_solve(normal, tl.transpose(projected))
-    gram = tl.dot(projected, solved)
-    output_factor = leading_eigenvectors(gram, output_rank)
-    captured = float(tl.sum(output_factor * tl.dot(gram, output_factor)))
+    n_outputs = tl.shape(unfolded)[0]
+    if n_outputs > input_rank * n_taps:
+        # Tall case: the I0 x I0 Gram matrix has rank at most R1 K, so take the leading
+        # vectors from W A N^{-1/2} (I0 x R1 K) instead, at O(I0 (R1 K)^2).
+        whitened = tl.dot(projected, _inverse_square_root(normal))
+        output_factor = leading_left_singular_vectors(whitened, output_rank)
+        captured_matrix = tl.dot(tl.transpose(output_factor), whitened)
+        captured = float(tl.sum(captured_matrix * captured_matrix))
+    else:
+        gram = tl.dot(projected, solved)
+        output_factor = leading_eigenvectors(gram, output_rank)
+        captured = float(tl.sum(output_factor * tl.dot(gram, output_factor)))
     core = tl.dot(tl.transpose(output_factor), tl.transpose(solved))
     return output_factor, core, captured
+
+
+def _inverse_square_root(matrix):
+    """Return ``matrix^{-1/2}`` of a symmetric positive definite matrix (small eigenvalues floored)."""
+    eigenvalues, eigenvectors = tl.eigh(matrix)
+    eigenvalues = tl.clip(eigenvalues, tl.max(eigenvalues) * 1e-14, None)
+    return tl.dot(eigenvectors / tl.sqrt(eigenvalues), tl.transpose(eigenvectors))
 
 
 def _input_rhs(unfolded, metric, output_factor, core3):

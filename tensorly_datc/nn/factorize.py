@@ -95,7 +95,8 @@ def factorise_layer(module, method, rank, second_moment=None, *, name="", option
     name : str
         Layer name, used in messages.
     options : dict, optional
-        Passed to :func:`weighted_tucker2` or :func:`weighted_parafac`.
+        Passed to :func:`weighted_tucker2` or :func:`weighted_parafac`; ``random_state``
+        defaults to 0.
 
     Returns
     -------
@@ -105,7 +106,9 @@ def factorise_layer(module, method, rank, second_moment=None, *, name="", option
     second_moment : torch.Tensor or None
         The metric actually used (None after a Frobenius fallback).
     """
-    options = dict(options or {})
+    # A fixed seed by default: the SVD start of CP draws random columns when the rank exceeds a
+    # mode, and compression should be reproducible.
+    options = {"random_state": 0, **(options or {})}
     weight = _weight_of(module)
     metric = _check_metric(second_moment, name)
     if metric is not None:
