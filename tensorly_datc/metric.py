@@ -24,6 +24,7 @@ decompositions stay positive definite when the metric is singular.
 
 import logging
 import math
+import numbers
 
 import numpy as np
 import tensorly as tl
@@ -164,6 +165,11 @@ def _convert(matrix, tensor, name):
             raise TypeError(
                 f"{name} must be an array or tensor of numbers; got {_describe(matrix)}"
             ) from error
+    is_complex = (np.iscomplexobj(matrix) if isinstance(matrix, np.ndarray)
+                  else backend.torch is not None and isinstance(matrix, backend.torch.Tensor)
+                  and matrix.is_complex())
+    if is_complex:
+        raise TypeError(f"{name} must be real; got dtype {matrix.dtype}")
     converted = backend.to_compute(matrix, tensor)
     if not backend.is_finite(converted):
         raise ValueError(f"{name} contains NaN or infinite values")
@@ -299,8 +305,11 @@ def as_metric(metric, tensor, *, metric_reg=1e-6):
 
 def _as_metric(metric, tensor, metric_reg):
     shape = tuple(tl.shape(tensor))
+    if len(shape) < 2:
+        raise ValueError(f"the tensor must have at least 2 modes for a metric; got shape {shape}")
     size = math.prod(shape[1:])
-    if not isinstance(metric_reg, (int, float)) or not metric_reg >= 0 or math.isinf(metric_reg):
+    if (isinstance(metric_reg, bool) or not isinstance(metric_reg, numbers.Real)
+            or not metric_reg >= 0 or math.isinf(metric_reg)):
         raise ValueError(f"metric_reg must be a finite number >= 0; got {metric_reg!r}")
 
     if metric is None:

@@ -1,6 +1,7 @@
 """Argument checks, initial factors and result casting shared by the weighted decompositions."""
 
 import math
+import numbers
 import warnings
 
 import numpy as np
@@ -18,11 +19,14 @@ def check_tensor(tensor, name="tensor"):
         raise ValueError(f"{name} must have at least 2 modes; got shape {tuple(tl.shape(tensor))}")
     if min(tl.shape(tensor)) == 0:
         raise ValueError(f"{name} must not be empty; got shape {tuple(tl.shape(tensor))}")
-    kind = getattr(tensor.dtype, "kind", None)
-    is_complex = kind == "c" or (backend.torch is not None and not isinstance(tensor, np.ndarray)
-                                 and tensor.is_complex())
-    if is_complex:
-        raise TypeError(f"{name} must be real; got dtype {tensor.dtype}")
+    if isinstance(tensor, np.ndarray):
+        if tensor.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must hold real numbers; got dtype {tensor.dtype}")
+    else:
+        if tensor.layout != backend.torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor; got layout {tensor.layout}")
+        if tensor.is_complex():
+            raise TypeError(f"{name} must be real; got dtype {tensor.dtype}")
     if not backend.is_finite(tensor):
         raise ValueError(f"{name} contains NaN or infinite values")
 
@@ -52,10 +56,24 @@ def check_int(value, name, minimum=1):
     return int(value)
 
 
+def check_nonnegative(value, name):
+    """Check that ``value`` is a finite real number >= 0 (numpy scalars included)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+    if not value >= 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+
+
 def check_tol(tol):
     """Check the convergence tolerance."""
-    if not isinstance(tol, (int, float)) or not tol >= 0 or math.isinf(tol):
-        raise ValueError(f"tol must be a finite number >= 0; got {tol!r}")
+    check_nonnegative(tol, "tol")
+
+
+def check_init_finite(factors, name="init"):
+    """Raise a ValueError if any array of a given start holds NaN or infinite values."""
+    for index, factor in enumerate(factors):
+        if factor is not None and not backend.is_finite(factor):
+            raise ValueError(f"{name} array {index} contains NaN or infinite values")
 
 
 def warn_clip(mode, requested, limit, reason, stacklevel):

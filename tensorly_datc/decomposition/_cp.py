@@ -41,6 +41,7 @@ def _check_init(init, shape, rank):
     if len(factors) != len(shape):
         raise ValueError(f"init must hold {len(shape)} factors; got {len(factors)}")
     weights = init[0]
+    common.check_init_finite([weights] + factors)
     if weights is not None and tuple(tl.shape(weights)) != (rank,):
         raise ValueError(
             f"init weights must have shape ({rank},); got {tuple(tl.shape(weights))}"
@@ -62,7 +63,7 @@ def _initial_factors(init, tensor, metric, rank, random_state):
             factors[0] = factors[0] * backend.to_compute(weights, tensor)
         return factors
     if init != "whitened":
-        return _tensorly_start(tensor, rank, init, random_state)
+        return _scaled_to(tensor, _tensorly_start(tensor, rank, init, random_state))
 
     # Whitened start: CP-SVD start of the tensor whitened on mode 1 (and on mode 2 for a
     # 3-way tensor) by a Kronecker approximation of the metric, mapped back.
@@ -79,10 +80,24 @@ def _initial_factors(init, tensor, metric, rank, random_state):
         root = tl.dot(eigenvectors * tl.sqrt(eigenvalues), tl.transpose(eigenvectors))
         inverse_roots.append(tl.dot(eigenvectors / tl.sqrt(eigenvalues), tl.transpose(eigenvectors)))
         whitened = tl.tenalg.mode_dot(whitened, root, mode)
-    factors = _tensorly_start(whitened, rank, "svd", random_state)
+    factors = _scaled_to(whitened, _tensorly_start(whitened, rank, "svd", random_state))
     for mode, inverse_root in enumerate(inverse_roots, start=1):
         if inverse_root is not None:
             factors[mode] = tl.dot(inverse_root, factors[mode])
+    return factors
+
+
+def _scaled_to(tensor, factors):
+    """Scale the first factor so that the start has the norm of ``tensor``.
+
+    TensorLy's start draws its random columns in [0, 1) whatever the scale of the tensor; with
+    the proximal term pulling towards the start, that would make the result depend on the
+    tensor's scale.
+    """
+    norm = float(tl.norm(tl.cp_to_tensor((None, factors))))
+    target = float(tl.norm(tensor))
+    if norm > 0 and target > 0:
+        factors[0] = factors[0] * (target / norm)
     return factors
 
 
@@ -339,8 +354,7 @@ def _decompose(tensor, rank, metric, n_iter_max, init, tol, random_state, verbos
     common.check_tol(tol)
     check_solver(solver)
     common.check_callback(callback)
-    if not isinstance(l2_reg, (int, float)) or not l2_reg >= 0 or math.isinf(l2_reg):
-        raise ValueError(f"l2_reg must be a finite number >= 0; got {l2_reg!r}")
+    common.check_nonnegative(l2_reg, "l2_reg")
     _check_init(init, shape, rank)
     context = common.output_context(tensor)
 

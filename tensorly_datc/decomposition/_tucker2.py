@@ -67,6 +67,7 @@ def _check_init(init, tensor_shape, ranks):
             raise ValueError(
                 f"init factor of mode {mode} must have shape {shape}; got {tuple(tl.shape(factor))}"
             )
+    common.check_init_finite([core] + factors)
     core_shape = tuple(ranks) + tuple(tensor_shape[2:])
     if tuple(tl.shape(core)) != core_shape:
         raise ValueError(f"init core must have shape {core_shape}; got {tuple(tl.shape(core))}")
