@@ -36,6 +36,8 @@ def count_parameters(module):
     >>> count_parameters(nn.Conv2d(3, 8, 3))
     224
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
     return sum(parameter.numel() for parameter in module.parameters())
 
 
@@ -85,7 +87,12 @@ def conv_macs(module, input_size=None):
 def _pair_size(size):
     if isinstance(size, int):
         return (size, size)
-    size = tuple(int(n) for n in size)
+    if isinstance(size, str):
+        raise TypeError(f"input_size must be an int or a pair (H, W); got {size!r}")
+    try:
+        size = tuple(int(n) for n in size)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"input_size must be an int or a pair (H, W); got {size!r}") from error
     if len(size) != 2:
         raise ValueError(f"input_size must be an int or a pair (H, W); got {size}")
     return size

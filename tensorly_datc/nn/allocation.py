@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._checks import check_layer, check_positive_int
 from .factorize import factorise_layer, relative_errors
 from .ranks import factorised_parameters
 
@@ -154,6 +155,11 @@ def allocate_ranks(layers, budget, *, statistics=None, unit="parameters", input_
         raise ValueError(f"budget must be a fraction in (0, 1); got {budget!r}")
     if unit == "macs" and input_sizes is None:
         raise ValueError("unit='macs' needs the input size of each layer")
+    n_probes = check_positive_int(n_probes, "n_probes")
+    for name, module, method in layers:
+        check_layer(module, f"layer {name!r}")
+        if statistics is not None and name not in statistics:
+            raise ValueError(f"statistics has no entry for layer {name!r}")
     input_sizes = input_sizes or {}
     ladders, curves, original_total, unchanged_total = {}, {}, 0, 0
     for name, module, method in layers:

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._checks import check_finite, check_module
 from .statistics import _batch_count, _iterate_inputs, _model_device, _resolve_batch_size
 
 __all__ = ["recalibrate_batchnorm"]
@@ -37,6 +38,7 @@ def recalibrate_batchnorm(model, data, *, batch_size=None, progress=True):
     torch.nn.Module
         ``model``.
     """
+    check_module(model)
     layers = [module for module in model.modules() if isinstance(module, _BATCHNORM_TYPES)]
     if not layers:
         return model
@@ -44,6 +46,7 @@ def recalibrate_batchnorm(model, data, *, batch_size=None, progress=True):
     device = _model_device(model)
     training_modes = {module: module.training for module in model.modules()}
     momenta = {layer: layer.momentum for layer in layers}
+    saved = {layer: {key: value.clone() for key, value in layer.state_dict().items()} for layer in layers}
     try:
         model.eval()
         for layer in layers:
@@ -55,7 +58,13 @@ def recalibrate_batchnorm(model, data, *, batch_size=None, progress=True):
         total = _batch_count(data, batch_size)
         with torch.no_grad():
             for inputs in tqdm(batches, total=total, desc="BatchNorm statistics", disable=not progress):
+                check_finite(inputs, "data")
                 model(inputs if device is None else inputs.to(device))
+    except BaseException:
+        # Leave no half-updated running statistics behind.
+        for layer, state in saved.items():
+            layer.load_state_dict(state)
+        raise
     finally:
         for layer, momentum in momenta.items():
             layer.momentum = momentum

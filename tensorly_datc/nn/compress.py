@@ -2,13 +2,17 @@
 
 import copy
 import logging
+import numbers
+import warnings
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._checks import check_bool, check_mapping, check_module, check_names, check_positive_int
 from ._counting import conv_macs, count_parameters
 from .factorize import factorise_layer, relative_errors
 from .ranks import factorised_parameters, ranks_for_ratio
@@ -70,8 +74,9 @@ def select_layers(model, layers=None, exclude=()):
     targets : list of (name, module)
     skipped : list of (name, module, reason)
     """
+    check_module(model)
     modules = dict(model.named_modules())
-    exclude = set(exclude)
+    exclude = set(check_names(exclude, "exclude"))
     unknown = sorted(exclude - set(modules))
     if unknown:
         raise ValueError(f"exclude names layers that are not in the model: {unknown}")
@@ -83,7 +88,7 @@ def select_layers(model, layers=None, exclude=()):
     elif isinstance(layers, str):
         raise ValueError(f"layers must be None, 'all' or a list of layer names; got {layers!r}")
     else:
-        names = list(layers)
+        names = check_names(layers, "layers")
         unknown = sorted(set(names) - set(modules))
         if unknown:
             raise ValueError(f"layers names layers that are not in the model: {unknown}")
@@ -109,6 +114,34 @@ def select_layers(model, layers=None, exclude=()):
     return targets, skipped
 
 
+def _check_input_size(input_size):
+    """Return ``input_size`` as a tuple of positive ints, the shape of one input sample."""
+    if input_size is None:
+        return None
+    if isinstance(input_size, str) or not isinstance(input_size, (tuple, list)):
+        raise TypeError(f"input_size must be a tuple such as (3, 32, 32); got {input_size!r}")
+    if len(input_size) < 2 or not all(
+        isinstance(size, numbers.Integral) and not isinstance(size, bool) and size >= 1
+        for size in input_size
+    ):
+        raise ValueError(
+            "input_size must be the shape of one sample without the batch dimension, such as "
+            f"(3, 32, 32); got {input_size!r}"
+        )
+    return tuple(int(size) for size in input_size)
+
+
+def _check_data(data):
+    """Reject calibration data that is empty or not finite (it would silently give no statistics)."""
+    if isinstance(data, torch.Tensor):
+        if data.shape[0] == 0:
+            raise ValueError("data is an empty tensor; pass at least one calibration input")
+        if not torch.isfinite(data).all():
+            raise ValueError("data contains NaN or infinite values")
+    elif isinstance(data, (list, tuple)) and len(data) == 0:
+        raise ValueError("data is an empty list; pass at least one calibration batch")
+
+
 def _method_for(module, method):
     if isinstance(module, nn.Linear) or tuple(module.kernel_size) == (1, 1):
         return "lowrank"
@@ -116,6 +149,10 @@ def _method_for(module, method):
 
 
 def _check_rank(name, method, rank, module):
+    if isinstance(rank, (tuple, list)):
+        rank = tuple(int(r) if isinstance(r, np.integer) else r for r in rank)
+    elif isinstance(rank, np.integer):
+        rank = int(rank)
     if method == "tucker2":
         if (not isinstance(rank, (tuple, list)) or len(rank) != 2
                 or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rank)):
@@ -161,9 +198,11 @@ def _input_sizes(model, example, names):
 
 def _first_example(data, input_size, model):
     """Return one input sample (batch of 1) for counting MACs and call order, or None."""
-    device = next(iter(model.parameters()), torch.empty(0)).device
+    parameter = next(iter(model.parameters()), torch.empty(0))
+    device = parameter.device
     if input_size is not None:
-        return torch.zeros((1,) + tuple(input_size), device=device)
+        dtype = parameter.dtype if parameter.is_floating_point() else torch.float32
+        return torch.zeros((1,) + tuple(input_size), device=device, dtype=dtype)
     if isinstance(data, torch.Tensor):
         return data[:1].to(device)
     if data is None or isinstance(data, Mapping) or iter(data) is data:
@@ -187,7 +226,9 @@ def _set_submodule(model, name, module):
     setattr(parent, child, module)
 
 
-def _check_options(method, norm, calibration, param_ratio, ranks):
+def _check_options(method, norm, calibration, param_ratio, ranks, budget_unit="parameters"):
+    if budget_unit not in ("parameters", "macs"):
+        raise ValueError(f"budget_unit must be one of ('parameters', 'macs'); got {budget_unit!r}")
     if method not in CONV_METHODS:
         raise ValueError(f"method must be one of {CONV_METHODS}; got {method!r}")
     if norm not in NORMS:
@@ -351,7 +392,13 @@ def compress(
     RuntimeError
         If ``distributed`` is True and no torch.distributed process group is initialised.
     """
-    _check_options(method, norm, calibration, param_ratio, ranks)
+    check_module(model)
+    check_bool(inplace, "inplace")
+    batch_size = check_positive_int(batch_size, "batch_size", allow_none=True)
+    decomposition_options = check_mapping(decomposition_options, "decomposition_options")
+    input_size = _check_input_size(input_size)
+    _check_options(method, norm, calibration, param_ratio, ranks, budget_unit)
+    _check_data(data)
     parallel = resolve_distributed(distributed)
     if budget is not None and (param_ratio is not None or ranks):
         raise ValueError("budget allocates the ranks itself; pass either budget or param_ratio/ranks")
@@ -372,6 +419,9 @@ def compress(
     if param_ratio is None:
         param_ratio = 0.5
     targets, skipped = select_layers(model, layers, exclude)
+    if not targets:
+        reasons = "; ".join(f"{name}: {reason}" for name, _, reason in skipped) or "it has no Conv2d or Linear layer"
+        warnings.warn(f"compress found no layer to compress ({reasons})", stacklevel=2)
     unknown = sorted(set(ranks) - {name for name, _ in targets})
     if unknown:
         raise ValueError(f"ranks names layers that are not compressed: {unknown}")
@@ -433,6 +483,12 @@ def one_shot_fit(statistics, norm, options):
 
     def fit(name, module, method, rank):
         second_moment = statistics[name].second_moment if statistics else None
+        size = module.weight[0].numel()
+        if second_moment is not None and tuple(second_moment.shape) != (size, size):
+            raise ValueError(
+                f"the statistics of layer {name!r} have {second_moment.shape[0]} features; the "
+                f"layer's input patches have {size}"
+            )
         fit_metric = second_moment if norm == "sigma" else None
         replacement, approximation, used = factorise_layer(
             module, method, rank, fit_metric, name=name, options=options

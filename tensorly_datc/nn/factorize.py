@@ -4,12 +4,15 @@ import logging
 import math
 import warnings
 
+import numpy as np
 import tensorly as tl
 import torch
 from torch import nn
 
 from ..decomposition import weighted_parafac, weighted_tucker2
+from ._checks import as_second_moment, check_finite, check_layer, check_mapping, check_positive_int
 from .layers import cp_conv, low_rank_conv1x1, low_rank_linear, tucker2_conv
+from .ranks import METHODS
 
 __all__ = ["factorise_layer", "low_rank_factors", "relative_errors"]
 
@@ -36,8 +39,18 @@ def low_rank_factors(matrix, rank, second_moment=None):
     left : torch.Tensor of shape (T, rank)
     right : torch.Tensor of shape (rank, D)
     """
+    if not isinstance(matrix, torch.Tensor):
+        matrix = torch.as_tensor(np.asarray(matrix, dtype=np.float64))
+    if matrix.ndim != 2:
+        raise ValueError(f"matrix must be 2-D (T, D); got shape {tuple(matrix.shape)}")
     matrix = matrix.to(torch.float64)
+    check_finite(matrix, "matrix")
+    rank = check_positive_int(rank, "rank")
     rank = min(rank, matrix.shape[0])
+    if second_moment is not None:
+        second_moment = as_second_moment(second_moment, matrix.shape[1], "second_moment")
+        if float(torch.trace(second_moment)) == 0:
+            raise ValueError("second_moment is zero; pass None for the Frobenius norm")
     weighted = matrix if second_moment is None else matrix @ second_moment.to(matrix)
     gram = weighted @ matrix.T
     _, eigenvectors = torch.linalg.eigh((gram + gram.T) / 2)
@@ -64,12 +77,11 @@ def _weight_of(module):
     return module.weight.detach()
 
 
-def _check_metric(second_moment, name):
+def _check_metric(second_moment, size, name):
     """Return the metric for a layer, or None (Frobenius) when the statistics are all zero."""
     if second_moment is None:
         return None
-    if not torch.isfinite(second_moment).all():
-        raise ValueError(f"the input statistics of layer {name!r} contain NaN or infinite values")
+    second_moment = as_second_moment(second_moment, size, f"the input statistics of layer {name!r}")
     if float(torch.trace(second_moment)) <= 0:
         warnings.warn(
             f"the input statistics of layer {name!r} are all zero (the layer only saw zero "
@@ -108,9 +120,13 @@ def factorise_layer(module, method, rank, second_moment=None, *, name="", option
     """
     # A fixed seed by default: the SVD start of CP draws random columns when the rank exceeds a
     # mode, and compression should be reproducible.
-    options = {"random_state": 0, **(options or {})}
+    check_layer(module)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    options = {"random_state": 0, **check_mapping(options, "options")}
     weight = _weight_of(module)
-    metric = _check_metric(second_moment, name)
+    check_finite(weight, f"the weight of layer {name!r}")
+    metric = _check_metric(second_moment, weight[0].numel(), name)
     if metric is not None:
         metric = metric.to(weight.device)
     out_channels = weight.shape[0]

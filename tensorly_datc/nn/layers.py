@@ -455,6 +455,8 @@ def _to_tensor(value, name, expected_shape, like, meaning=None):
             raise ValueError(
                 f"{name} must have shape {expected_text} with {expected} >= 1; got shape {shape}"
             )
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
     return tensor.to(device=like.device, dtype=_compute_dtype(like.dtype))
 
 

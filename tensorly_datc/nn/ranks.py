@@ -10,10 +10,45 @@ Biases are the same before and after, so they are left out of the ratio.
 """
 
 import math
+import numbers
 
 __all__ = ["factorised_parameters", "ranks_for_ratio", "METHODS"]
 
 METHODS = ("tucker2", "cp4", "cp3", "lowrank")
+
+
+def _check_shape(weight_shape):
+    """Return ``weight_shape`` as a tuple of positive ints of length 2 or 4."""
+    try:
+        shape = tuple(weight_shape)
+    except TypeError as error:
+        raise TypeError(f"weight_shape must be a tuple such as (T, S, kh, kw); got {weight_shape!r}") from error
+    valid = len(shape) in (2, 4) and all(
+        isinstance(size, numbers.Integral) and not isinstance(size, bool) and size >= 1 for size in shape
+    )
+    if not valid:
+        raise ValueError(
+            f"weight_shape must be (T, S) or (T, S, kh, kw) of positive ints; got {weight_shape!r}"
+        )
+    return tuple(int(size) for size in shape)
+
+
+def _is_positive_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _check_method_rank(method, rank):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if method == "tucker2":
+        if not (isinstance(rank, (tuple, list)) and len(rank) == 2):
+            raise TypeError(f"a Tucker-2 rank must be a pair (out_rank, in_rank); got {rank!r}")
+        if not all(map(_is_positive_int, rank)):
+            raise ValueError(f"a Tucker-2 rank must be a pair of positive ints; got {rank!r}")
+    elif isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"a {method} rank must be an int; got {rank!r}")
+    elif rank < 1:
+        raise ValueError(f"a {method} rank must be a positive int; got {rank!r}")
 
 
 def factorised_parameters(method, weight_shape, rank):
@@ -34,6 +69,8 @@ def factorised_parameters(method, weight_shape, rank):
     >>> factorised_parameters('cp4', (64, 32, 3, 3), 10)
     1020
     """
+    weight_shape = _check_shape(weight_shape)
+    _check_method_rank(method, rank)
     out_channels, in_channels = weight_shape[:2]
     kernel = tuple(weight_shape[2:]) or (1, 1)
     n_taps = math.prod(kernel)
@@ -66,6 +103,9 @@ def ranks_for_ratio(method, weight_shape, param_ratio):
     """
     if not isinstance(param_ratio, (int, float)) or not 0 < param_ratio or math.isinf(param_ratio):
         raise ValueError(f"param_ratio must be a number > 0; got {param_ratio!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    weight_shape = _check_shape(weight_shape)
     out_channels, in_channels = weight_shape[:2]
     budget = param_ratio * math.prod(weight_shape)
     if method != "tucker2":

@@ -16,9 +16,11 @@ import copy
 import logging
 import math
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._checks import as_second_moment, check_finite, check_layer
 from .factorize import factorise_layer
 from .statistics import (
     _accumulation_function,
@@ -105,7 +107,11 @@ def collect_cross_statistics(original, compressed, name, data, *, batch_size=Non
     output_energy : float
         ``E|W x|^2``, the mean squared output of the original layer (without bias).
     """
-    module = original.get_submodule(name)
+    modules = dict(original.named_modules())
+    if name not in modules:
+        raise ValueError(f"layer {name!r} is not in the model")
+    module = modules[name]
+    check_layer(module, f"layer {name!r}")
     accumulate = _accumulation_function(module)
     accumulator = _CrossAccumulator(module.weight.detach())
     batch_size = _resolve_batch_size(data, batch_size)
@@ -117,6 +123,7 @@ def collect_cross_statistics(original, compressed, name, data, *, batch_size=Non
         with torch.no_grad():
             for inputs in _iterate_inputs(data, batch_size):
                 inputs = inputs if device is None else inputs.to(device)
+                check_finite(inputs, "data")
                 first = _capture_input(original, name, inputs)
                 second = _capture_input(compressed, name, inputs)
                 joint = torch.cat([first, second], dim=1 if first.ndim == 4 else -1)
@@ -134,8 +141,18 @@ def collect_cross_statistics(original, compressed, name, data, *, batch_size=Non
 
 def sequential_target(weight, cross_moment, compressed_moment, reg=1e-6):
     """Return ``W* = W C Sigma~^{-1}`` (with a ridge of ``reg`` times the mean eigenvalue)."""
+    weight, cross_moment = (torch.as_tensor(np.asarray(value)) if isinstance(value, np.ndarray) else value
+                            for value in (weight, cross_moment))
     matrix = weight.reshape(weight.shape[0], -1).to(torch.float64)
-    size = compressed_moment.shape[0]
+    size = matrix.shape[1]
+    check_finite(matrix, "weight")
+    compressed_moment = as_second_moment(compressed_moment, size, "compressed_moment")
+    if not isinstance(cross_moment, torch.Tensor) or tuple(cross_moment.shape) != (size, size):
+        raise ValueError(f"cross_moment must be a tensor of shape ({size}, {size})")
+    cross_moment = cross_moment.to(torch.float64)
+    check_finite(cross_moment, "cross_moment")
+    if float(torch.trace(compressed_moment)) == 0:
+        raise ValueError("compressed_moment is zero: the layer's inputs in the compressed model are all zero")
     shift = reg * float(torch.trace(compressed_moment)) / size
     regularised = compressed_moment + shift * torch.eye(size, dtype=torch.float64, device=matrix.device)
     target = torch.linalg.solve(regularised, (matrix @ cross_moment).T).T

@@ -87,6 +87,8 @@ def rebuild_structure(model, structure):
 
 def save_compressed(model, report, path):
     """Save a compressed model's weights and structure to a safetensors file at ``path``."""
+    if not hasattr(report, "compressed"):
+        raise TypeError(f"report must be the CompressionReport returned by compress; got {type(report).__name__}")
     state = {key: value.detach().contiguous().clone() for key, value in model.state_dict().items()}
     metadata = {"format": _FORMAT, "structure": json.dumps(structure_of(report))}
     save_file(state, os.fspath(path), metadata=metadata)

@@ -11,6 +11,7 @@ calibration data, merges them and stores them in safetensors files.
 import hashlib
 import itertools
 import json
+from collections.abc import Mapping
 import logging
 import operator
 import os
@@ -23,6 +24,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 __all__ = ["InputStatistics", "collect_input_statistics", "save_statistics", "load_statistics"]
+
+from ._checks import check_module, check_names, check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +267,7 @@ def _select_layers(model, layers):
             if _accumulation_function(module) is not None
         }
     else:
-        names = [layers] if isinstance(layers, str) else list(layers)
+        names = [layers] if isinstance(layers, str) else check_names(layers, "layers")
         unknown = [name for name in names if name not in modules]
         if unknown:
             raise ValueError(f"layers not found in the model: {unknown}")
@@ -424,10 +427,11 @@ def collect_input_statistics(
 
     # Check arguments
     combine = resolve_distributed(distributed)
-    if max_patches_per_chunk < 1:
-        raise ValueError(
-            f"max_patches_per_chunk must be a positive integer; got {max_patches_per_chunk}"
-        )
+    check_module(model)
+    if data is None:
+        raise TypeError("data must be a tensor of inputs, a DataLoader or an iterable of batches; got None")
+    max_patches_per_chunk = check_positive_int(max_patches_per_chunk, "max_patches_per_chunk")
+    batch_size = check_positive_int(batch_size, "batch_size", allow_none=True)
     batch_size = _resolve_batch_size(data, batch_size)
     selected = _select_layers(model, layers)
     if device is None:
@@ -546,7 +550,13 @@ def save_statistics(statistics, path):
     path : str or os.PathLike
         File to write; an existing file is replaced.
     """
+    if not isinstance(statistics, Mapping):
+        raise TypeError(
+            f"statistics must be a mapping of layer names to InputStatistics; got {type(statistics).__name__}"
+        )
     path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save statistics to {path}: folder {path.parent} does not exist")
     counts = {}
     tensors = {}
     for name, layer_statistics in statistics.items():
