@@ -148,6 +148,15 @@ def parse_arguments(argv=None):
     for ratio in args.ratios:
         if not 0 < ratio <= 1:
             parser.error(f"every value of --ratios must be in (0, 1]; got {ratio}")
+    # Check the files before the run, so a typo does not end a long run with a traceback.
+    if args.output.exists() and not args.output.is_dir():
+        parser.error(f"--output must be a folder; {args.output} is a file")
+    if args.weights is not None and not args.weights.is_file():
+        parser.error(f"--weights: file not found: {args.weights}")
+    if args.data is not None:
+        for name in ("cifar10_calibration.npz", "cifar10_test.npz"):
+            if not (args.data / name).is_file():
+                parser.error(f"--data: {args.data} has no {name}")
     return args
 
 
@@ -356,6 +365,8 @@ report_accuracy("sequential, BatchNorm statistics re-estimated", sequential, sta
 # dashed lines the Frobenius fits. The dotted line is the accuracy of the uncompressed model.
 
 LINE_STYLES = {"sigma": "-", "frobenius": "--"}
+# Distinct markers too, so the norms stay apart when each line has a single point.
+MARKERS = {"sigma": "o", "frobenius": "x"}
 NORM_LABELS = {"sigma": "metric (Sigma)", "frobenius": "Frobenius"}
 colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
@@ -365,7 +376,7 @@ for index, method in enumerate(args.methods):
         points = sorted((row["params_after"], row["accuracy"]) for row in rows
                         if row["method"] == method and row["norm"] == norm)
         params, accuracies = zip(*points)
-        axes.plot(params, [100 * value for value in accuracies], LINE_STYLES[norm], marker="o",
+        axes.plot(params, [100 * value for value in accuracies], LINE_STYLES[norm], marker=MARKERS[norm],
                   color=colours[index % len(colours)], label=f"{method}, {NORM_LABELS[norm]}")
 axes.axhline(100 * baseline_accuracy, color="grey", linestyle=":", label="uncompressed")
 axes.set_xlabel("parameters of the compressed layers")
