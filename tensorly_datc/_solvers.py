@@ -1,12 +1,14 @@
 """Linear solvers for the normal equations of the weighted decompositions.
 
 Written with TensorLy's backend operations so that the same code runs on numpy and on torch
-(CPU or CUDA); SciPy's solvers would tie the matrix-free path to numpy.
+(CPU or CUDA). Cholesky factorisations and triangular solves, which TensorLy lacks, dispatch to
+``torch.linalg`` for torch tensors and to SciPy for numpy arrays.
 """
 
 import logging
 
 import numpy as np
+import scipy.linalg
 import tensorly as tl
 
 from . import _backend as backend
@@ -48,16 +50,58 @@ def _linalg_error_types():
     return tuple(errors)
 
 
+def cholesky(matrix):
+    """Return the lower Cholesky factor of a symmetric ``matrix``, or None if it is not positive
+    definite to working precision.
+
+    Batched matrices of shape (..., n, n) are accepted.
+    """
+    if isinstance(matrix, np.ndarray):
+        try:
+            lower = np.linalg.cholesky(matrix)
+        except np.linalg.LinAlgError:
+            return None
+    else:
+        lower, info = backend.torch.linalg.cholesky_ex(matrix)
+        if bool((info != 0).any()):
+            return None
+    return lower if backend.is_finite(lower) else None
+
+
+def solve_triangular(lower, rhs, transpose=False):
+    """Solve ``lower @ x = rhs`` (or ``lower.T @ x = rhs``) for a lower triangular 2-D ``lower``."""
+    if isinstance(lower, np.ndarray):
+        return scipy.linalg.solve_triangular(lower, rhs, lower=True, trans=1 if transpose else 0,
+                                             check_finite=False)
+    if transpose:
+        return backend.torch.linalg.solve_triangular(lower.mT, rhs, upper=True)
+    return backend.torch.linalg.solve_triangular(lower, rhs, upper=False)
+
+
+def _cholesky_solve(lower, rhs):
+    """Solve ``lower @ lower.T @ x = rhs``; batched on torch, 2-D only on numpy."""
+    if isinstance(lower, np.ndarray):
+        return scipy.linalg.cho_solve((lower, True), rhs, check_finite=False)
+    if rhs.ndim == lower.ndim - 1:
+        return backend.torch.cholesky_solve(rhs[..., None], lower)[..., 0]
+    return backend.torch.cholesky_solve(rhs, lower)
+
+
 def spd_solve(matrix, rhs):
     """Solve ``matrix @ x = rhs`` for a symmetric positive semi-definite ``matrix``.
 
-    The LU solve is tried first; a singular or non-finite outcome falls back to the
-    pseudo-inverse from an eigendecomposition, whose small eigenvalues are discarded.
+    A Cholesky solve is tried first (an LU solve for batched numpy matrices, which SciPy's
+    Cholesky routines do not take). A failed factorisation or a non-finite outcome falls back to
+    the pseudo-inverse from an eigendecomposition, whose small eigenvalues are discarded.
     Batched matrices of shape (..., n, n) are accepted.
     """
     try:
-        solution = tl.solve(matrix, rhs)
-        if backend.is_finite(solution):
+        if isinstance(matrix, np.ndarray) and matrix.ndim > 2:
+            solution = np.linalg.solve(matrix, rhs)
+        else:
+            lower = cholesky(matrix)
+            solution = None if lower is None else _cholesky_solve(lower, rhs)
+        if solution is not None and backend.is_finite(solution):
             return solution
     except _linalg_error_types():
         pass
@@ -82,7 +126,43 @@ def _batched_pinv_solve(matrices, rhs):
     return tl.stack(solutions)
 
 
-def conjugate_gradient(apply_matrix, rhs, start, apply_preconditioner=None, rtol=1e-6, max_iter=100):
+class InverseFactor:
+    """A factor ``F`` with ``F @ F.T`` the inverse of a symmetric positive semi-definite matrix.
+
+    ``F`` is the inverse transpose of the Cholesky factor, or, when the factorisation fails,
+    ``V diag(lambda)^-1/2`` over the eigenpairs above ``rcond`` times the largest eigenvalue
+    (then ``F @ F.T`` is the pseudo-inverse). Products with ``F`` are triangular solves, so
+    ``F`` is never formed in the Cholesky case.
+    """
+
+    def __init__(self, matrix, rcond=1e-12):
+        symmetric = (matrix + tl.transpose(matrix)) / 2
+        self.lower = cholesky(symmetric)
+        self.root = None
+        if self.lower is None:
+            logger.debug("singular matrix of side %d: using its pseudo-inverse", tl.shape(matrix)[0])
+            eigenvalues, eigenvectors = tl.eigh(symmetric)
+            keep = eigenvalues > tl.max(tl.abs(eigenvalues)) * rcond
+            safe = tl.where(keep, eigenvalues, tl.ones(tl.shape(eigenvalues), **tl.context(eigenvalues)))
+            self.root = eigenvectors * tl.where(keep, 1 / tl.sqrt(safe), 0 * eigenvalues)
+
+    def right_multiply(self, rows):
+        """Return ``rows @ F`` for ``rows`` of shape (n, size)."""
+        if self.root is not None:
+            return tl.dot(rows, self.root)
+        # rows @ L^-T = (L^-1 @ rows^T)^T
+        return tl.transpose(solve_triangular(self.lower, tl.transpose(rows)))
+
+    def right_multiply_transpose(self, rows):
+        """Return ``rows @ F.T`` for ``rows`` of shape (n, size)."""
+        if self.root is not None:
+            return tl.dot(rows, tl.transpose(self.root))
+        # rows @ L^-1 = (L^-T @ rows^T)^T
+        return tl.transpose(solve_triangular(self.lower, tl.transpose(rows), transpose=True))
+
+
+def conjugate_gradient(apply_matrix, rhs, start, apply_preconditioner=None, rtol=1e-6, max_iter=100,
+                       reduction=0.0, min_iter=0, residual=None):
     """Solve ``apply_matrix(x) = rhs`` for a symmetric positive definite linear operator.
 
     Preconditioned conjugate gradients on arrays of any shape (the inner product is the sum of
@@ -100,6 +180,15 @@ def conjugate_gradient(apply_matrix, rhs, start, apply_preconditioner=None, rtol
         Stop once the residual norm is below ``rtol`` times the norm of ``rhs``.
     max_iter : int
         Maximum number of iterations.
+    reduction : float, default is 0
+        Also stop once the preconditioned residual norm ``sqrt(r^T P r)`` is below ``reduction``
+        times that of the start. A value in (0, 1) makes an inexact solve whose cost does not
+        grow as the start approaches the solution, as alternating minimisation needs. The
+        preconditioned norm is used because it falls more steadily than the residual norm.
+    min_iter : int, default is 0
+        Minimum number of iterations, run even when the start already meets ``rtol``.
+    residual : tensor or None
+        ``rhs - apply_matrix(start)`` when the caller already has it, which saves one product.
 
     Returns
     -------
@@ -109,14 +198,16 @@ def conjugate_gradient(apply_matrix, rhs, start, apply_preconditioner=None, rtol
         Number of iterations run.
     """
     solution = start
-    residual = rhs - apply_matrix(solution)
+    if residual is None:
+        residual = rhs - apply_matrix(solution)
     target = rtol * float(tl.norm(rhs))
-    if float(tl.norm(residual)) <= target:
+    if min_iter == 0 and float(tl.norm(residual)) <= target:
         return solution, 0
 
     preconditioned = apply_preconditioner(residual) if apply_preconditioner else residual
     direction = preconditioned
     product = float(tl.sum(residual * preconditioned))
+    product_target = (reduction**2) * product
     for iteration in range(1, max_iter + 1):
         image = apply_matrix(direction)
         curvature = float(tl.sum(direction * image))
@@ -127,11 +218,14 @@ def conjugate_gradient(apply_matrix, rhs, start, apply_preconditioner=None, rtol
         step = product / curvature
         solution = solution + step * direction
         residual = residual - step * image
-        if float(tl.norm(residual)) <= target:
+        converged = float(tl.norm(residual)) <= target
+        if iteration >= min_iter and converged:
             return solution, iteration
 
         preconditioned = apply_preconditioner(residual) if apply_preconditioner else residual
         new_product = float(tl.sum(residual * preconditioned))
+        if iteration >= min_iter and new_product <= product_target:
+            return solution, iteration
         direction = preconditioned + (new_product / product) * direction
         product = new_product
     return solution, max_iter

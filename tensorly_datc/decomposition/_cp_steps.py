@@ -14,6 +14,9 @@ import tensorly as tl
 from .. import _backend as backend
 from .._solvers import conjugate_gradient, spd_pseudo_inverse, spd_solve, use_dense
 
+# Preconditioned-residual reduction that ends the conjugate-gradient solve of a factor.
+CG_REDUCTION = 0.5
+
 
 def ridge_size(system, l2_reg):
     """Return ``l2_reg`` times the mean diagonal entry of the (possibly batched) ``system``."""
@@ -166,7 +169,8 @@ def update_mode_factor(unfolded, metric, factors, mode, mode_sizes, *, l2_reg, s
         return problem.apply(factor) + ridge * factor
 
     solution, _ = conjugate_gradient(
-        apply, rhs + ridge * factors[mode], factors[mode], precondition, rtol=cg_rtol, max_iter=cg_max_iter
+        apply, rhs + ridge * factors[mode], factors[mode], precondition, rtol=cg_rtol,
+        max_iter=cg_max_iter, reduction=CG_REDUCTION, min_iter=1,
     )
     return solution
 
