@@ -54,18 +54,22 @@ def cholesky(matrix):
     """Return the lower Cholesky factor of a symmetric ``matrix``, or None if it is not positive
     definite to working precision.
 
-    Batched matrices of shape (..., n, n) are accepted.
+    Only the lower triangle of ``matrix`` is read, so a matrix symmetric up to rounding needs
+    no symmetrisation. Batched matrices of shape (..., n, n) are accepted.
     """
     if isinstance(matrix, np.ndarray):
         try:
             lower = np.linalg.cholesky(matrix)
         except np.linalg.LinAlgError:
             return None
+        diagonal = np.diagonal(lower, axis1=-2, axis2=-1)
     else:
         lower, info = backend.torch.linalg.cholesky_ex(matrix)
         if bool((info != 0).any()):
             return None
-    return lower if backend.is_finite(lower) else None
+        diagonal = lower.diagonal(dim1=-2, dim2=-1)
+    # A NaN or infinity in the lower triangle reaches the diagonal of the factor.
+    return lower if backend.is_finite(diagonal) else None
 
 
 def solve_triangular(lower, rhs, transpose=False):
@@ -126,22 +130,32 @@ def _batched_pinv_solve(matrices, rhs):
     return tl.stack(solutions)
 
 
+def _symmetric_from_lower(matrix):
+    """Return the symmetric matrix whose lower triangle is that of ``matrix``."""
+    if isinstance(matrix, np.ndarray):
+        lower = np.tril(matrix, -1)
+    else:
+        lower = backend.torch.tril(matrix, -1)
+    return lower + tl.transpose(lower) + tl.diag(tl.diag(matrix))
+
+
 class InverseFactor:
     """A factor ``F`` with ``F @ F.T`` the inverse of a symmetric positive semi-definite matrix.
 
     ``F`` is the inverse transpose of the Cholesky factor, or, when the factorisation fails,
     ``V diag(lambda)^-1/2`` over the eigenpairs above ``rcond`` times the largest eigenvalue
     (then ``F @ F.T`` is the pseudo-inverse). Products with ``F`` are triangular solves, so
-    ``F`` is never formed in the Cholesky case.
+    ``F`` is never formed in the Cholesky case. Only the lower triangle of the matrix is read,
+    so a matrix symmetric up to rounding, or one whose upper triangle is not set, needs no
+    symmetrisation.
     """
 
     def __init__(self, matrix, rcond=1e-12):
-        symmetric = (matrix + tl.transpose(matrix)) / 2
-        self.lower = cholesky(symmetric)
+        self.lower = cholesky(matrix)
         self.root = None
         if self.lower is None:
             logger.debug("singular matrix of side %d: using its pseudo-inverse", tl.shape(matrix)[0])
-            eigenvalues, eigenvectors = tl.eigh(symmetric)
+            eigenvalues, eigenvectors = tl.eigh(_symmetric_from_lower(matrix))
             keep = eigenvalues > tl.max(tl.abs(eigenvalues)) * rcond
             safe = tl.where(keep, eigenvalues, tl.ones(tl.shape(eigenvalues), **tl.context(eigenvalues)))
             self.root = eigenvectors * tl.where(keep, 1 / tl.sqrt(safe), 0 * eigenvalues)
@@ -162,7 +176,7 @@ class InverseFactor:
 
 
 def conjugate_gradient(apply_matrix, rhs, start, apply_preconditioner=None, rtol=1e-6, max_iter=100,
-                       reduction=0.0, min_iter=0, residual=None):
+                       reduction=0.0, min_iter=0, residual=None, auxiliary=None):
     """Solve ``apply_matrix(x) = rhs`` for a symmetric positive definite linear operator.
 
     Preconditioned conjugate gradients on arrays of any shape (the inner product is the sum of
@@ -171,7 +185,9 @@ def conjugate_gradient(apply_matrix, rhs, start, apply_preconditioner=None, rtol
     Parameters
     ----------
     apply_matrix : callable
-        Maps an array shaped like ``rhs`` to its product with the operator.
+        Maps an array shaped like ``rhs`` to its product with the operator. With ``auxiliary``
+        given, it returns a pair: that product and the image of the same array under a second
+        linear map ``B``.
     rhs, start : tensor
         Right-hand side and starting point, of the same shape.
     apply_preconditioner : callable or None
@@ -189,6 +205,9 @@ def conjugate_gradient(apply_matrix, rhs, start, apply_preconditioner=None, rtol
         Minimum number of iterations, run even when the start already meets ``rtol``.
     residual : tensor or None
         ``rhs - apply_matrix(start)`` when the caller already has it, which saves one product.
+    auxiliary : tensor or None
+        ``B(start)``. The solver then also returns ``B(solution)``, built from the images of
+        the search directions, so the caller gets it without applying ``B`` again.
 
     Returns
     -------
@@ -196,13 +215,15 @@ def conjugate_gradient(apply_matrix, rhs, start, apply_preconditioner=None, rtol
         Shaped like ``rhs``.
     n_iter : int
         Number of iterations run.
+    auxiliary : tensor
+        ``B(solution)``; returned only when ``auxiliary`` is given.
     """
     solution = start
     if residual is None:
-        residual = rhs - apply_matrix(solution)
+        residual = rhs - _image(apply_matrix(solution), auxiliary)
     target = rtol * float(tl.norm(rhs))
     if min_iter == 0 and float(tl.norm(residual)) <= target:
-        return solution, 0
+        return _outputs(solution, 0, auxiliary)
 
     preconditioned = apply_preconditioner(residual) if apply_preconditioner else residual
     direction = preconditioned
@@ -210,22 +231,35 @@ def conjugate_gradient(apply_matrix, rhs, start, apply_preconditioner=None, rtol
     product_target = (reduction**2) * product
     for iteration in range(1, max_iter + 1):
         image = apply_matrix(direction)
+        if auxiliary is not None:
+            image, direction_auxiliary = image
         curvature = float(tl.sum(direction * image))
         if curvature <= 0:
             # The operator is positive definite, so this only happens once the residual is at
             # round-off level.
-            return solution, iteration
+            return _outputs(solution, iteration, auxiliary)
         step = product / curvature
         solution = solution + step * direction
+        if auxiliary is not None:
+            auxiliary = auxiliary + step * direction_auxiliary
         residual = residual - step * image
         converged = float(tl.norm(residual)) <= target
         if iteration >= min_iter and converged:
-            return solution, iteration
+            return _outputs(solution, iteration, auxiliary)
 
         preconditioned = apply_preconditioner(residual) if apply_preconditioner else residual
         new_product = float(tl.sum(residual * preconditioned))
         if iteration >= min_iter and new_product <= product_target:
-            return solution, iteration
+            return _outputs(solution, iteration, auxiliary)
         direction = preconditioned + (new_product / product) * direction
         product = new_product
-    return solution, max_iter
+    return _outputs(solution, max_iter, auxiliary)
+
+
+def _image(result, auxiliary):
+    """Return the operator's product from ``apply_matrix``'s result."""
+    return result if auxiliary is None else result[0]
+
+
+def _outputs(solution, n_iter, auxiliary):
+    return (solution, n_iter) if auxiliary is None else (solution, n_iter, auxiliary)

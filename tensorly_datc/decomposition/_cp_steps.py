@@ -14,7 +14,11 @@ import tensorly as tl
 from .. import _backend as backend
 from .._solvers import conjugate_gradient, spd_pseudo_inverse, spd_solve, use_dense
 
-# Preconditioned-residual reduction that ends the conjugate-gradient solve of a factor.
+# Reduction of the preconditioned residual that ends the conjugate-gradient solve of a factor.
+# With it, on the 256x256x3x3 weight of ResNet-18's layer3.1.conv2 with its 2304x2304 input
+# second moment and rank 256, each solve ran one or two iterations and 10 sweeps reached a
+# relative error of 0.1369. Stopping at cg_rtol alone, the solves alternated between 0 and
+# about 40 iterations and reached 0.1397.
 CG_REDUCTION = 0.5
 
 

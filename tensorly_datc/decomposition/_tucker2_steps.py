@@ -8,7 +8,10 @@ of the inner solver), so the objective never increases.
 
 For a dense metric the updates work in tap-major order, which indexes the D columns as (k, s)
 instead of (s, k). There ``kron(U_S, I_K)`` becomes ``kron(I_K, U_S)``, a block-diagonal
-matrix, so every product with it is one matrix product with ``U_S`` and needs no copy of ``M``.
+matrix, so every product with it is one matrix product with ``U_S``. The largest product of a
+sweep, ``M kron(I_K, U_S)`` (the "basis"), is not recomputed: the conjugate-gradient solve for
+the input factor forms it for each search direction, and the basis of the solution is their
+running combination (see :class:`_DenseProblem`).
 """
 
 import weakref
@@ -20,35 +23,65 @@ from .. import _backend as backend
 from .._solvers import InverseFactor, conjugate_gradient, spd_pseudo_inverse, spd_solve, use_dense
 from ._common import leading_eigenvectors
 
-# Residual reduction that ends the conjugate-gradient solve of each sweep. A loose solve costs
-# little progress per sweep: on a 512x512x3x3 ResNet-18 weight with its 4608x4608 input second
-# moment, ranks (256, 256), sweeps with one and with eight iterations both reach a relative
-# error within 0.1 % of each other after 10 sweeps, and the single iteration costs a quarter.
+# Reduction of the preconditioned residual that ends the conjugate-gradient solve of a sweep.
+# A loose solve costs little progress per sweep. Take the 512x512x3x3 weight of ResNet-18's
+# layer4.1.conv2, its 4608x4608 input second moment and ranks (256, 256): sweeps of one and of
+# eight iterations reached relative errors of 0.12675 and 0.12670 after 10 sweeps. Each
+# iteration costs a product with the metric, as much as a third of a sweep.
 CG_REDUCTION = 0.5
+
+# The basis is recomputed once the relative changes of the input factor, summed over the sweeps
+# since its last full computation, exceed this. The basis is linear in the factor, so its float32
+# increments then sum to about its own size, and their rounding error to an estimated 1e-7 of it.
+BASIS_REFRESH = 1.0
+
+# The input factor X the basis is kept for is not orthonormal, and the normal matrix of the joint
+# update has up to cond(X)^2 times the condition number of the metric. Beyond this condition
+# number of X, the basis is recomputed for the orthonormal factor instead.
+MAX_FACTOR_CONDITION = 100.0
+
+# Requested conjugate-gradient tolerance under which the input-factor solves switch from float32
+# to float64 products for good. Float32 rounding (about 6e-8) in the basis limits the relative
+# accuracy of the sweeps to about 1e-7, and the driver requests tolerances this small only once a
+# sweep improves the error by less than about 1e-4 relatively.
+FLOAT32_MIN_RTOL = 1e-5
 
 # Arrays derived from a dense metric for one decomposition, keyed by the metric object (which
 # the decomposition creates for each call), so they are freed with it.
-# NOTE: the step functions receive only (unfolded, metric), so this cache stands in for a work
-# object that the alternating driver could create and pass to them.
+# NOTE: the step functions receive only (unfolded, metric), so this cache replaces a work object
+# that the alternating driver could create and pass to them.
 _DENSE_PROBLEMS = weakref.WeakKeyDictionary()
 
 
 class _DenseProblem:
     """The arrays a dense-metric decomposition reuses in every sweep, in tap-major order.
 
+    The basis ``M kron(I_K, X)`` is kept for an input factor ``X`` that is not orthonormalised:
+    the alternating driver orthonormalises each new input factor (``Q R = X``), and instead of
+    recomputing the basis for ``Q``, the updates keep working with ``X`` and return the core in
+    ``Q``'s coordinates, ``G_Q = G_X kron(I_K, R^T)``.
+
     Attributes
     ----------
-    metric : tensor of shape (D, D)
-        ``M`` with both indices in tap-major order (a second copy of the metric).
+    matrix : tensor of shape (D, D)
+        The metric, in its own (channel-major) order.
     metric32 : tensor of shape (D, D)
-        The same in float32, for the products of the conjugate-gradient directions.
+        The metric in tap-major order and float32, for the products of the search directions.
     weighted_tensor : tensor of shape (I0 * K, I1)
         ``W M`` in tap-major order, rows (i0, k).
     channel_inverse : tensor of shape (I1, I1)
         Pseudo-inverse of the mean diagonal tap block of ``M``, for the preconditioner.
-    input_factor, metric_basis : tensor or None
-        The input factor of the last joint update and ``M kron(I_K, U_S)`` (D, K * R1) for it,
-        which give the first residual of the next input-factor solve without a product with ``M``.
+    factor, basis, rotation, core : tensor or None
+        After a joint update: ``X``, ``M kron(I_K, X)`` (D, K * R1), ``R`` with ``Q R = X`` for
+        the orthonormal factor ``Q`` the driver holds, and the core for ``X`` (R0, K, R1).
+    driver_factor, driver_core : tensor or None
+        The ``Q`` and core (in ``Q``'s coordinates) of that update, as handed to the driver.
+    pending : tuple or None
+        ``(X, basis)`` from the last input-factor solve, before the driver orthonormalises X.
+    drift : float
+        Sum of the relative changes of the input factor since the basis was computed exactly.
+    precise : bool
+        Whether the input-factor solves use float64 products (see :data:`FLOAT32_MIN_RTOL`).
     """
 
     def __init__(self, unfolded, metric, n_taps):
@@ -57,22 +90,92 @@ class _DenseProblem:
         self.unfolded = unfolded
         self.n_taps = n_taps
         self.n_inputs = n_inputs
+        self.matrix = metric.matrix
 
-        blocks = tl.reshape(metric.matrix, (n_inputs, n_taps, n_inputs, n_taps))
-        self.metric = tl.reshape(tl.transpose(blocks, (1, 0, 3, 2)), (size, size))
-        self.metric32 = _to_float32(self.metric)
+        blocks = tl.reshape(_to_float32(metric.matrix), (n_inputs, n_taps, n_inputs, n_taps))
+        self.metric32 = tl.reshape(tl.transpose(blocks, (1, 0, 3, 2)), (size, size))
         weighted = tl.reshape(metric.rmatmul(unfolded), (n_outputs, n_inputs, n_taps))
-        self.weighted_tensor = tl.reshape(tl.transpose(weighted, (0, 2, 1)), (n_outputs * n_taps, n_inputs))
-        tap_blocks = tl.reshape(self.metric, (n_taps, n_inputs, n_taps, n_inputs))
-        self.channel_inverse = spd_pseudo_inverse(backend.einsum("kakb->ab", tap_blocks) / n_taps)
-        self.input_factor = None
-        self.metric_basis = None
+        weighted = tl.transpose(weighted, (0, 2, 1))
+        self.weighted_tensor = tl.reshape(weighted, (n_outputs * n_taps, n_inputs))
+        tap_blocks = tl.reshape(metric.matrix, (n_inputs, n_taps, n_inputs, n_taps))
+        self.channel_inverse = spd_pseudo_inverse(backend.einsum("akbk->ab", tap_blocks) / n_taps)
+        self.factor = self.basis = self.rotation = self.core = None
+        self.driver_factor = self.driver_core = self.pending = None
+        self.drift = 0.0
+        self.precise = False
+
+    def exact_basis(self, factor):
+        """Return ``M kron(I_K, factor)`` in tap-major order, (D, K * R1), in float64."""
+        n_inputs, n_taps = self.n_inputs, self.n_taps
+        size = n_inputs * n_taps
+        rows = tl.reshape(self.matrix, (n_inputs, n_taps, size))
+        # (kron(U, I_K)^T M)[(r, k), :] = U^T M[(s, k), :] for each tap k; M is symmetric.
+        half = tl.stack([tl.dot(tl.transpose(factor), rows[:, k]) for k in range(n_taps)])
+        half = tl.reshape(half, (n_taps, -1, n_inputs, n_taps))
+        return tl.reshape(tl.transpose(half, (3, 2, 0, 1)), (size, -1))
+
+    def working_basis(self, factor):
+        """Return ``M kron(I_K, factor)`` in the precision of the input-factor solves."""
+        return self.exact_basis(factor) if self.precise else self.basis32(factor)
+
+    def basis32(self, factor):
+        """Return ``M kron(I_K, factor)`` in tap-major order, (D, K * R1), in float32."""
+        size = tl.shape(self.metric32)[0]
+        basis = tl.dot(tl.reshape(self.metric32, (size * self.n_taps, -1)), _to_float32(factor))
+        return tl.reshape(basis, (size, -1))
+
+    def joint_coordinates(self, input_factor):
+        """Return ``(X, basis, R)`` with ``input_factor @ R = X`` for a joint update.
+
+        After a conjugate-gradient solve, ``X`` is its solution when ``input_factor``
+        orthonormalises it, with the basis the solve built. When that factor has drifted too
+        far, ``X`` is ``input_factor`` with a basis recomputed in the precision of the solves.
+        Without a solve before, ``X`` is ``input_factor`` with a float64 basis, so that direct
+        solves keep float64 accuracy.
+        """
+        identity = tl.eye(tl.shape(input_factor)[1], **tl.context(input_factor))
+        if self.pending is None:
+            self.drift = 0.0
+            return input_factor, self.exact_basis(input_factor), identity
+
+        factor, basis = self.pending
+        self.pending = None
+        rotation = tl.dot(tl.transpose(input_factor), factor)
+        mismatch = float(tl.norm(tl.dot(input_factor, rotation) - factor))
+        eigenvalues = tl.eigh(tl.dot(tl.transpose(factor), factor))[0]
+        condition_squared = float(eigenvalues[-1]) / max(float(eigenvalues[0]), 1e-300)
+        same_span = mismatch <= 1e-10 * float(tl.norm(factor))
+        if same_span and condition_squared <= MAX_FACTOR_CONDITION**2 and self.drift <= BASIS_REFRESH:
+            return factor, basis, rotation
+        self.drift = 0.0
+        return input_factor, self.working_basis(input_factor), identity
+
+    def input_coordinates(self, input_factor, core):
+        """Return ``(X, basis, R, core for X)`` for an input-factor solve, the basis in the
+        precision of the solves."""
+        if self.driver_factor is input_factor and self.driver_core is core:
+            basis = self.basis
+            if not self.precise:
+                basis = _to_float32(basis)
+            elif not _is_float64(basis):
+                basis = self.exact_basis(self.factor)
+            return self.factor, basis, self.rotation, self.core
+        self.drift = 0.0
+        identity = tl.eye(tl.shape(input_factor)[1], **tl.context(input_factor))
+        core = _to_tap_major(core, self.n_taps)
+        return input_factor, self.working_basis(input_factor), identity, core
 
 
 def _to_float32(array):
     if isinstance(array, np.ndarray):
         return array.astype(np.float32)
     return array.to(backend.torch.float32)
+
+
+def _is_float64(array):
+    if isinstance(array, np.ndarray):
+        return array.dtype == np.float64
+    return array.dtype == backend.torch.float64
 
 
 def _to_float64(array):
@@ -122,6 +225,7 @@ def _fit_output_and_core(normal, projected, output_rank):
 
     With ``N = F F^T``, the optimal core for an output factor is ``U_T^T (W M P F) F^T``, and
     the optimal orthonormal ``U_T`` spans the leading eigenvectors of ``(W M P F)(W M P F)^T``.
+    Only the lower triangle of ``normal`` is read.
     """
     factor = InverseFactor(normal)
     whitened = factor.right_multiply(projected)
@@ -156,23 +260,54 @@ def update_output_and_core(unfolded, metric, input_factor, output_rank, n_taps):
         )
         return _fit_output_and_core(normal, tl.dot(unfolded, weighted), output_rank)
 
-    # Tap-major: A = M kron(I_K, U_S) and N = kron(I_K, U_S)^T A, block row k = U_S^T A[k]
-    problem = _dense_problem(unfolded, metric, n_taps)
-    size = tl.shape(problem.metric)[0]
-    basis = tl.reshape(
-        tl.dot(tl.reshape(problem.metric, (size * n_taps, n_inputs)), input_factor),
-        (size, n_taps * input_rank),
+    return _update_dense_output_and_core(
+        _dense_problem(unfolded, metric, n_taps), input_factor, output_rank
     )
-    normal = tl.matmul(
-        tl.transpose(input_factor), tl.reshape(basis, (n_taps, n_inputs, n_taps * input_rank))
-    )
-    normal = tl.reshape(normal, (n_taps * input_rank,) * 2)
-    projected = tl.reshape(
-        tl.dot(problem.weighted_tensor, input_factor), (tl.shape(unfolded)[0], n_taps * input_rank)
-    )
+
+
+def _update_dense_output_and_core(problem, input_factor, output_rank):
+    """Run the joint update for a dense metric, in the coordinates of :class:`_DenseProblem`."""
+    n_taps, n_inputs = problem.n_taps, problem.n_inputs
+    input_rank = tl.shape(input_factor)[1]
+    factor, basis, rotation = problem.joint_coordinates(input_factor)
+
+    normal = _normal_lower_blocks(factor, basis, n_taps)
+    n_outputs = tl.shape(problem.weighted_tensor)[0] // n_taps
+    projected = tl.reshape(tl.dot(problem.weighted_tensor, factor), (n_outputs, n_taps * input_rank))
     output_factor, core, captured = _fit_output_and_core(normal, projected, output_rank)
-    problem.input_factor, problem.metric_basis = input_factor, basis
-    return output_factor, _from_tap_major(core, n_taps), captured
+
+    # The driver keeps the orthonormal factor Q = X R^-1, for which the core is G kron(I_K, R^T)
+    core = tl.reshape(core, (output_rank, n_taps, input_rank))
+    rotated = tl.dot(tl.reshape(core, (-1, input_rank)), tl.transpose(rotation))
+    rotated = tl.reshape(rotated, (output_rank, n_taps, input_rank))
+    driver_core = _from_tap_major(rotated, n_taps)
+    problem.factor, problem.basis, problem.rotation, problem.core = factor, basis, rotation, core
+    problem.driver_factor, problem.driver_core = input_factor, driver_core
+    return output_factor, driver_core, captured
+
+
+def _normal_lower_blocks(factor, basis, n_taps):
+    """Return ``N = kron(I_K, X)^T basis`` (tap-major), with only its lower block triangle set.
+
+    Block (k, l) of ``N`` is ``X^T basis[k, l]``; the blocks above the diagonal are left zero,
+    since the factorisation of ``N`` reads its lower triangle only. The products run in the
+    dtype of ``basis``; ``N`` is returned in float64.
+    """
+    n_inputs, input_rank = tl.shape(factor)
+    side = n_taps * input_rank
+    transposed = tl.transpose(factor if _same_dtype(factor, basis) else _to_float32(factor))
+    blocks = tl.reshape(basis, (n_taps, n_inputs, side))
+    rows = [tl.dot(transposed, blocks[k][:, : (k + 1) * input_rank]) for k in range(n_taps)]
+    zeros = tl.zeros((input_rank, side), **tl.context(basis))
+    normal = tl.concatenate(
+        [tl.concatenate([row, zeros[:, (k + 1) * input_rank :]], axis=1) for k, row in enumerate(rows)],
+        axis=0,
+    )
+    return _to_float64(normal)
+
+
+def _same_dtype(first, second):
+    return first.dtype == second.dtype
 
 
 def _input_rhs(unfolded, metric, output_factor, core3):
@@ -216,13 +351,13 @@ class InputFactorOperator:
     """Matrix-free normal operator of the input factor for a dense metric, with a Kronecker
     preconditioner.
 
-    A product costs ``O(R0 D^2)`` because the output factor is orthonormal, so the contraction
-    with it drops out and only the core (R0 rows) meets the metric. Products run in float32,
-    which is exact enough for the inexact solves: the rounding error is relative to the
-    correction each iteration adds, not to the solution, and the residual the solve starts
-    from is computed in float64. The preconditioner is the inverse of ``(mean diagonal tap
-    block of M) (x) (sum of the diagonal tap blocks of H)``, with ``H`` the Gram matrix of the
-    core's columns.
+    The product with a direction ``V`` forms ``M kron(I_K, V)``, the auxiliary output that the
+    solver combines into the basis of the solution, and contracts it with the core twice. It
+    costs ``O(R1 D^2)``, because the orthonormal output factor drops out. Products
+    run in float32 until the driver asks for tolerances near float32 round-off (see
+    :data:`FLOAT32_MIN_RTOL`), then in float64. The preconditioner is the inverse of ``(mean
+    diagonal tap block of M) (x) (sum of the diagonal tap blocks of H)``, with ``H`` the Gram
+    matrix of the core's columns.
     """
 
     def __init__(self, problem, core):
@@ -231,28 +366,38 @@ class InputFactorOperator:
         self.rank_out = rank_out
         self.n_taps = n_taps
         self.core_rows = tl.reshape(core, (rank_out * n_taps, input_rank))
-        self.core_rows32 = _to_float32(self.core_rows)
         self.rank_inverse = spd_pseudo_inverse(tl.dot(tl.transpose(self.core_rows), self.core_rows))
+        # The core in the precision of the products
+        self.working_rows = self.core_rows if problem.precise else _to_float32(self.core_rows)
+        self.working_matrix = tl.reshape(self.working_rows, (rank_out, -1))
 
     def contract(self, rows, core_rows=None):
         """Return ``sum_{a, k} rows[a, (k, s)] G[a, k, r]`` for tap-major ``rows`` (R0, D)."""
         core_rows = self.core_rows if core_rows is None else core_rows
         return tl.dot(tl.transpose(tl.reshape(rows, (self.rank_out * self.n_taps, -1))), core_rows)
 
+    def model(self, basis):
+        """Return ``G basis^T`` (R0, D) in float64, for the basis of a factor."""
+        return _to_float64(tl.dot(self.working_matrix, tl.transpose(basis)))
+
     def __call__(self, factor):
-        expanded = tl.dot(self.core_rows32, tl.transpose(_to_float32(factor)))
-        product = tl.dot(tl.reshape(expanded, (self.rank_out, -1)), self.problem.metric32)
-        return _to_float64(self.contract(product, self.core_rows32))
+        basis = self.problem.working_basis(factor)
+        image = self.contract(tl.dot(self.working_matrix, tl.transpose(basis)), self.working_rows)
+        return _to_float64(image), basis
 
     def precondition(self, residual):
         return tl.dot(tl.dot(self.problem.channel_inverse, residual), self.rank_inverse)
 
 
 def _solve_input_cg(problem, output_factor, core, input_factor, cg_rtol, cg_max_iter):
-    """Run the warm-started conjugate-gradient solve of the input factor for a dense metric."""
-    n_taps = problem.n_taps
-    rank_out = tl.shape(output_factor)[1]
-    core = _to_tap_major(core, n_taps)
+    """Run the warm-started conjugate-gradient solve of the input factor for a dense metric.
+
+    The solve runs for the core in the coordinates of the kept factor ``X = Q R``, where the
+    objective is ``f(V R^-1)`` of the driver's, so its solution times ``R^-1`` is returned.
+    """
+    if cg_rtol < FLOAT32_MIN_RTOL:
+        problem.precise = True
+    factor, basis, rotation, core = problem.input_coordinates(input_factor, core)
     operator = InputFactorOperator(problem, core)
 
     # Right-hand side from the stored W M: rows (a, k) of U_T^T W M, contracted with the core
@@ -262,16 +407,16 @@ def _solve_input_cg(problem, output_factor, core, input_factor, cg_rtol, cg_max_
     )
     rhs = operator.contract(projected)
 
-    # The joint update that produced the core stored M kron(I_K, U_S) for this input factor,
-    # so the first residual b - A U_S = contract(U_T^T W M - G (M kron(I_K, U_S))^T) is cheap.
-    residual = None
-    if problem.input_factor is input_factor:
-        core_matrix = tl.reshape(core, (rank_out, -1))
-        residual = operator.contract(projected - tl.dot(core_matrix, tl.transpose(problem.metric_basis)))
-    return conjugate_gradient(
-        operator, rhs, input_factor, operator.precondition, rtol=cg_rtol, max_iter=cg_max_iter,
-        reduction=CG_REDUCTION, min_iter=1, residual=residual,
+    # First residual b - A X = contract(U_T^T W M - G basis^T)
+    residual = operator.contract(projected - operator.model(basis))
+    solution, n_iter, solution_basis = conjugate_gradient(
+        operator, rhs, factor, operator.precondition, rtol=cg_rtol, max_iter=cg_max_iter,
+        reduction=CG_REDUCTION, min_iter=1, residual=residual, auxiliary=basis,
     )
+    problem.pending = (solution, solution_basis)
+    problem.drift += float(tl.norm(solution - factor)) / float(tl.norm(factor))
+    # V R^-1 = (R^-T V^T)^T
+    return tl.transpose(tl.solve(tl.transpose(rotation), tl.transpose(solution))), n_iter
 
 
 def update_input_factor(unfolded, metric, output_factor, core, input_factor, *, solver, cg_rtol,
@@ -282,8 +427,10 @@ def update_input_factor(unfolded, metric, output_factor, core, input_factor, *, 
     metric couples channels with taps: the normal equations form an (I1 R1) x (I1 R1) positive
     definite system, solved densely when small, block by block for a diagonal metric, and
     otherwise by preconditioned conjugate gradients warm-started from the current factor. The
-    conjugate-gradient solve stops once its residual is below ``cg_rtol`` times the right-hand
-    side or below :data:`CG_REDUCTION` times its first residual, after at least one iteration.
+    conjugate-gradient solve stops, after at least one iteration, once its residual is below
+    ``cg_rtol`` times the right-hand side or its preconditioned residual below
+    :data:`CG_REDUCTION` times the first one. Its products with the metric run in float32 while
+    ``cg_rtol`` is at least :data:`FLOAT32_MIN_RTOL`.
 
     Returns
     -------
