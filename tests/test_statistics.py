@@ -104,6 +104,9 @@ CONV_CASES = [
     dict(kernel_size=3, padding="same", padding_mode="circular"),
     dict(kernel_size=(3, 5), padding="valid"),
     dict(kernel_size=1),
+    # Zero padding wider than the kernel: some taps read only padding on the border rows.
+    dict(kernel_size=3, padding=3),
+    dict(kernel_size=(1, 3), padding=(2, 0), dilation=(1, 2)),
 ]
 
 
@@ -244,6 +247,33 @@ def test_chunking_keeps_result(max_patches_per_chunk):
     )
 
     _assert_same_statistics(result, expected)
+
+
+@pytest.mark.parametrize("max_patches_per_chunk", [1, 7, 100_000])
+@pytest.mark.parametrize("options", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2), padding=(2, 1), dilation=2)],
+                         ids=str)
+def test_banded_conv_matches_brute_force(options, max_patches_per_chunk):
+    # Bands of a few output rows leave some taps of a band reading padding only.
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 2, **options).double()
+    inputs = torch.randn(2, 3, 9, 5, dtype=torch.float64)
+
+    statistics = collect_input_statistics(
+        conv, inputs, progress=False, max_patches_per_chunk=max_patches_per_chunk
+    )[""]
+
+    _assert_matches_rows(statistics, _reference_conv_patches(conv, inputs))
+
+
+def test_float32_conv_statistics_match_float64_reference():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(4, 2, kernel_size=3, padding=1)
+    inputs = torch.randn(2, 4, 6, 6)
+
+    statistics = collect_input_statistics(conv, inputs, progress=False)[""]
+
+    rows = _reference_conv_patches(conv.double(), inputs.double())
+    _assert_matches_rows(statistics, rows, tol=1e-5)
 
 
 def test_merge_of_halves_equals_whole():

@@ -192,8 +192,11 @@ def _conv2d_padding(module):
 def _accumulate_conv2d(accumulator, module, inputs, max_patches_per_chunk):
     """Add the im2col patches of ``module`` (a Conv2d) on ``inputs`` to ``accumulator``.
 
-    Patches are unfolded for a few images, or for a band of output rows of one image, at a
-    time, so at most ``max(max_patches_per_chunk, output width)`` patches are in memory.
+    Patches are taken for a few images, or for a band of output rows of one image, at a
+    time, so at most ``max(max_patches_per_chunk, output width)`` patches enter one product.
+    A convolution with stride 1 and zero padding never unfolds them (see
+    :func:`_add_shifted_products`) and takes ``kernel_height`` times larger chunks in about the
+    same memory. The others unfold them with :func:`torch.nn.functional.unfold`.
     """
     if inputs.ndim == 3:
         inputs = inputs.unsqueeze(0)
@@ -209,13 +212,25 @@ def _accumulate_conv2d(accumulator, module, inputs, max_patches_per_chunk):
         # The layer's own forward raises the error for an input smaller than the kernel.
         return
 
-    # Whole images per chunk when one image fits, otherwise bands of output rows.
-    patches_per_image = out_height * out_width
-    images_per_chunk = max(1, max_patches_per_chunk // patches_per_image)
-    rows_per_chunk = out_height
-    if patches_per_image > max_patches_per_chunk:
-        rows_per_chunk = max(1, max_patches_per_chunk // out_width)
-
+    # The fast routes write the sums of a _MomentAccumulator; any other accumulator (such as the
+    # joint moments of sequential calibration) receives unfolded rows through its update().
+    shifted = (
+        isinstance(accumulator, _MomentAccumulator)
+        and module.stride == (1, 1)
+        and module.padding_mode == "zeros"
+    )
+    if shifted:
+        # Unfolding holds two float32 copies of the chunk's patches, K * C values each, where the
+        # shifted products hold about 2 * kernel_width copies of its pixels, C values each. So
+        # kernel_height times as many patches per chunk take about the same memory.
+        max_patches_per_chunk *= kernel_height
+    images_per_chunk, rows_per_chunk = _chunk_sizes(out_height, out_width, max_patches_per_chunk)
+    # Image coordinates of the input pixel each kernel tap reads for output pixel (0, 0)
+    tap_offsets = [
+        (i * dilation_height - top, j * dilation_width - left)
+        for i in range(kernel_height)
+        for j in range(kernel_width)
+    ]
     # F.pad takes the last dimension first, and calls the "zeros" mode "constant".
     pad = [left, right, top, bottom]
     pad_mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
@@ -223,18 +238,244 @@ def _accumulate_conv2d(accumulator, module, inputs, max_patches_per_chunk):
         images = inputs[start : start + images_per_chunk]
         if images.dtype not in (torch.float32, torch.float64):
             images = images.to(torch.float32)
-        if any(pad):
+        if shifted:
+            channels_last = images.permute(2, 0, 3, 1).contiguous()
+        elif any(pad):
             images = F.pad(images, pad, mode=pad_mode)
         for first_row in range(0, out_height, rows_per_chunk):
-            n_rows = min(rows_per_chunk, out_height - first_row)
-            band_start = first_row * stride_height
-            band_stop = band_start + (n_rows - 1) * stride_height + span_height
-            band = images[:, :, band_start:band_stop]
-            columns = F.unfold(
-                band, module.kernel_size, dilation=module.dilation, stride=module.stride
-            )
-            # (N, D, L) -> (N * L, D): one row per patch.
-            accumulator.update(columns.transpose(1, 2).reshape(-1, columns.shape[1]))
+            output_rows = (first_row, min(first_row + rows_per_chunk, out_height))
+            if shifted:
+                _add_shifted_products(accumulator, channels_last, tap_offsets, output_rows, out_width)
+            else:
+                band_start = first_row * stride_height
+                band_stop = band_start + (output_rows[1] - first_row - 1) * stride_height + span_height
+                _add_unfolded_patches(accumulator, module, images[:, :, band_start:band_stop])
+
+
+def _add_unfolded_patches(accumulator, module, band):
+    """Unfold the patches of ``module`` over ``band`` (padded input rows) into ``accumulator``."""
+    columns = F.unfold(band, module.kernel_size, dilation=module.dilation, stride=module.stride)
+    if isinstance(accumulator, _MomentAccumulator):
+        # (N, D, L) -> (D, N * L): one column per patch, a view when N is 1
+        _add_patch_columns(accumulator, columns.transpose(0, 1).reshape(columns.shape[1], -1))
+    else:
+        # (N, D, L) -> (N * L, D): one row per patch
+        accumulator.update(columns.transpose(1, 2).reshape(-1, columns.shape[1]))
+
+
+def _chunk_sizes(out_height, out_width, max_patches_per_chunk):
+    """Return (images, output rows) per chunk: whole images when one image fits, otherwise
+    bands of output rows of one image."""
+    patches_per_image = out_height * out_width
+    if patches_per_image <= max_patches_per_chunk:
+        return max_patches_per_chunk // patches_per_image, out_height
+    return 1, max(1, max_patches_per_chunk // out_width)
+
+
+def _prepare_sums(accumulator, n_features, like):
+    """Create the accumulator's float64 sums on the device of ``like`` if it has none yet."""
+    if accumulator.sum_outer is None:
+        accumulator.sum_outer = like.new_zeros((n_features, n_features), dtype=torch.float64)
+        accumulator.sum = like.new_zeros(n_features, dtype=torch.float64)
+
+
+# Column blocks of at least this many features let the im2col product skip the blocks below the
+# diagonal, since the Gram matrix is symmetric. Smaller blocks would make the products slow.
+_MIN_GRAM_BLOCK = 256
+
+
+def _add_patch_columns(accumulator, columns):
+    """Add the patches ``columns`` (D, P), one per column, to the sums of ``accumulator``.
+
+    As :meth:`_MomentAccumulator.update`, with the product formed block by block over the
+    upper triangle only and the sum taken without a float64 copy of the patches.
+    """
+    n_features = columns.shape[0]
+    _prepare_sums(accumulator, n_features, columns)
+    n_blocks = max(1, min(8, n_features // _MIN_GRAM_BLOCK))
+    bounds = [n_features * k // n_blocks for k in range(n_blocks + 1)]
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        block = (columns[start:stop] @ columns[start:].T).to(torch.float64)
+        diagonal = block[:, : stop - start]
+        # A float32 product is symmetric only up to rounding; the metric checks need exact symmetry.
+        accumulator.sum_outer[start:stop, start:stop] += (diagonal + diagonal.T) / 2
+        if stop < n_features:
+            accumulator.sum_outer[start:stop, stop:] += block[:, stop - start :]
+            accumulator.sum_outer[stop:, start:stop] += block[:, stop - start :].T
+    accumulator.sum += columns.sum(dim=1, dtype=torch.float64)
+    accumulator.count += columns.shape[1]
+
+
+def _effective_range(band, offset, shift, size):
+    """Return the input range [lo, hi) that a tap at ``offset`` reads for the output ``band``,
+    clipped to the input and to the pixels whose partner ``shift`` away is also inside."""
+    return max(band[0] + offset, 0, -shift), min(band[1] + offset, size, size - shift)
+
+
+def _tap_pairs_by_shift(tap_offsets, output_rows, out_width, height, width):
+    """Group the tap pairs ``t <= u`` by ``shift = offset(u) - offset(t)``.
+
+    Returns {shift: [(t, u, rows, columns)]} with the input rectangle tap ``t`` reads for the
+    pair; pairs whose rectangle is empty contribute nothing and are left out.
+    """
+    pairs_by_shift = {}
+    for t, (row_t, column_t) in enumerate(tap_offsets):
+        for u in range(t, len(tap_offsets)):
+            shift = (tap_offsets[u][0] - row_t, tap_offsets[u][1] - column_t)
+            rows = _effective_range(output_rows, row_t, shift[0], height)
+            columns = _effective_range((0, out_width), column_t, shift[1], width)
+            if rows[0] < rows[1] and columns[0] < columns[1]:
+                pairs_by_shift.setdefault(shift, []).append((t, u, rows, columns))
+    return pairs_by_shift
+
+
+def _add_shifted_products(accumulator, channels_last, tap_offsets, output_rows, out_width):
+    """Add the patch moments of a stride-1, zero-padded convolution without unfolding patches.
+
+    The block of taps ``(t, u)`` of the second moment sums ``x[z] x[z + shift]^T`` over the
+    input pixels ``z`` that tap ``t`` reads, with ``shift = offset(u) - offset(t)``. Zero
+    padding only removes terms. Every tap pair with the same shift sums the same products over
+    rectangles that differ by a few boundary rows and columns, so each shift costs one product
+    over the union of its rectangles, and each pair subtracts the products of its missing
+    strips. For a 3x3 kernel that is 13 products instead of the 45 tap pairs.
+
+    ``channels_last`` holds the images as (H, N, W, C); ``output_rows`` is the band [first,
+    stop) of output rows to add. The blocks are formed in the dtype of the images, as the
+    products are, and added to the float64 sums.
+    """
+    height, n_images, width, n_channels = channels_last.shape
+    n_taps = len(tap_offsets)
+    pairs_by_shift = _tap_pairs_by_shift(tap_offsets, output_rows, out_width, height, width)
+
+    products = _ShiftedProducts(channels_last)
+    blocks = {}
+    for shift, pairs in pairs_by_shift.items():
+        products.cache.clear()
+        rows = (min(pair[2][0] for pair in pairs), max(pair[2][1] for pair in pairs))
+        columns = (min(pair[3][0] for pair in pairs), max(pair[3][1] for pair in pairs))
+        whole = products.sum(shift, rows, columns)
+        for t, u, pair_rows, pair_columns in pairs:
+            block = _subtract_strips(whole, products, shift, rows, columns, pair_rows, pair_columns)
+            # Exactly symmetric diagonal blocks, whatever the rounding of the products
+            blocks[t, u] = (block + block.T) / 2 if t == u else block
+    _add_tap_blocks(accumulator, blocks, n_taps, channels_last)
+
+    _add_tap_sums(accumulator, channels_last, tap_offsets, output_rows, out_width)
+    accumulator.count += n_images * (output_rows[1] - output_rows[0]) * out_width
+
+
+def _add_tap_blocks(accumulator, blocks, n_taps, like):
+    """Add the blocks ``{(t, u): block}`` (``t <= u``) of the second moment, and the transposed
+    blocks below the diagonal, to ``accumulator.sum_outer`` in channel-major order.
+
+    For each tap ``t`` the blocks of all taps ``u`` are interleaved into the rows of
+    ``sum_outer`` for tap ``t``, which are contiguous, so the float64 sums are read and written
+    once. The first chunk of a layer with every block present sets the sums instead.
+    """
+    n_channels = like.shape[-1]
+    size = n_channels * n_taps
+    if accumulator.sum_outer is None and len(blocks) == n_taps * (n_taps + 1) // 2:
+        accumulator.sum_outer = like.new_empty((size, size), dtype=torch.float64)
+        accumulator.sum = like.new_zeros(size, dtype=torch.float64)
+        assign = True
+    else:
+        _prepare_sums(accumulator, size, like)
+        assign = False
+    zeros = like.new_zeros((n_channels, n_channels))
+    rows_by_tap = accumulator.sum_outer.view(n_channels, n_taps, size)
+    for t in range(n_taps):
+        row = [
+            blocks.get((t, u), zeros) if u >= t else blocks.get((u, t), zeros).T for u in range(n_taps)
+        ]
+        # (C, C, K) -> (C, C * K): columns in the (channel, tap) order of the sums
+        interleaved = torch.stack(row, dim=-1).reshape(n_channels, size)
+        if assign:
+            rows_by_tap[:, t] = interleaved
+        else:
+            rows_by_tap[:, t] += interleaved
+
+
+def _outside(full, subrange):
+    """Return the parts of the range ``full`` before and after its ``subrange``."""
+    return [part for part in ((full[0], subrange[0]), (subrange[1], full[1])) if part[0] < part[1]]
+
+
+def _subtract_strips(whole, products, shift, rows, columns, pair_rows, pair_columns):
+    """Return the products over ``pair_rows x pair_columns`` from those over ``rows x columns``.
+
+    By inclusion-exclusion: minus the full-width strips above and below, minus the full-height
+    strips left and right, plus the corners both remove.
+    """
+    outside_rows = _outside(rows, pair_rows)
+    outside_columns = _outside(columns, pair_columns)
+    if not outside_rows and not outside_columns:
+        return whole
+    block = whole.clone()
+    for strip_rows in outside_rows:
+        block -= products.sum(shift, strip_rows, columns)
+    for strip_columns in outside_columns:
+        block -= products.sum(shift, rows, strip_columns)
+        for strip_rows in outside_rows:
+            block += products.sum(shift, strip_rows, strip_columns)
+    return block
+
+
+def _add_tap_sums(accumulator, channels_last, tap_offsets, output_rows, out_width):
+    """Add the sum of each tap's entries over the patches to ``accumulator.sum``.
+
+    Tap ``t`` reads a rectangle of the input, so its sum is the total over the rows the band
+    needs minus the strips of columns outside its rectangle and of rows outside it.
+    """
+    height, _, width, n_channels = channels_last.shape
+    sums = accumulator.sum.view(n_channels, len(tap_offsets))
+    rectangles = {}
+    for t, (row, column) in enumerate(tap_offsets):
+        rows = _effective_range(output_rows, row, 0, height)
+        columns = _effective_range((0, out_width), column, 0, width)
+        # A tap that reads only padding for this band adds nothing.
+        if rows[0] < rows[1] and columns[0] < columns[1]:
+            rectangles[t] = rows, columns
+    if not rectangles:
+        return
+    band = (min(r[0] for r, _ in rectangles.values()), max(r[1] for r, _ in rectangles.values()))
+    per_row = channels_last[band[0] : band[1]].sum(dim=(1, 2), dtype=torch.float64)
+    for t, (rows, columns) in rectangles.items():
+        total = per_row[rows[0] - band[0] : rows[1] - band[0]].sum(dim=0)
+        for strip_columns in _outside((0, width), columns):
+            strip = channels_last[rows[0] : rows[1], :, strip_columns[0] : strip_columns[1]]
+            total = total - strip.sum(dim=(0, 1, 2), dtype=torch.float64)
+        sums[:, t] += total
+
+
+class _ShiftedProducts:
+    """Sums of ``x[z] x[z + shift]^T`` over rectangles of input pixels, with caches.
+
+    The products run in the dtype of the images (float32 or float64). Column ranges of the
+    channels-last images are copied once each and reused, since slicing rows of a copy is free.
+    The sums are cached until the caller clears ``cache``, since tap pairs share their strips.
+    """
+
+    def __init__(self, channels_last):
+        self.images = channels_last
+        self.column_slices = {}
+        self.cache = {}
+
+    def _columns(self, start, stop):
+        key = (start, stop)
+        if key not in self.column_slices:
+            self.column_slices[key] = self.images[:, :, start:stop].contiguous()
+        return self.column_slices[key]
+
+    def sum(self, shift, rows, columns):
+        """Return ``sum x[z] x[z + shift]^T`` over ``z`` in ``rows x columns``, of shape (C, C)."""
+        key = (shift, rows, columns)
+        if key not in self.cache:
+            n_channels = self.images.shape[3]
+            first = self._columns(*columns)[rows[0] : rows[1]].reshape(-1, n_channels)
+            second = self._columns(columns[0] + shift[1], columns[1] + shift[1])
+            second = second[rows[0] + shift[0] : rows[1] + shift[0]].reshape(-1, n_channels)
+            self.cache[key] = first.T @ second
+        return self.cache[key]
 
 
 def _accumulate_linear(accumulator, module, inputs, max_patches_per_chunk):
