@@ -57,7 +57,12 @@ def cholesky(matrix):
     Only the lower triangle of ``matrix`` is read, so a matrix symmetric up to rounding needs
     no symmetrisation. Batched matrices of shape (..., n, n) are accepted.
     """
-    if isinstance(matrix, np.ndarray):
+    if _on_cpu(matrix) and tl.ndim(matrix) == 2 and str(matrix.dtype).endswith(("float32", "float64")):
+        lower = _lapack_cholesky(matrix)
+        if lower is None:
+            return None
+        diagonal = lower.diagonal()
+    elif isinstance(matrix, np.ndarray):
         try:
             lower = np.linalg.cholesky(matrix)
         except np.linalg.LinAlgError:
@@ -70,6 +75,27 @@ def cholesky(matrix):
         diagonal = lower.diagonal(dim1=-2, dim2=-1)
     # A NaN or infinity in the lower triangle reaches the diagonal of the factor.
     return lower if backend.is_finite(diagonal) else None
+
+
+def _on_cpu(array):
+    return isinstance(array, np.ndarray) or array.device.type == "cpu"
+
+
+def _lapack_cholesky(matrix):
+    """Return the lower Cholesky factor of a 2-D CPU ``matrix`` from LAPACK's potrf, or None.
+
+    Torch's own factorisation copies a row-major matrix first and clears the upper triangle in
+    a separate pass. On a 2304 x 2304 matrix it took about 1.4 times as long on 2 cores (torch
+    2.14). The transpose of a row-major matrix is column-major, as LAPACK wants, and its
+    upper triangle is the lower triangle of ``matrix``, so potrf runs on it without a copy.
+    """
+    array = matrix if isinstance(matrix, np.ndarray) else matrix.detach().numpy()
+    (potrf,) = scipy.linalg.lapack.get_lapack_funcs(("potrf",), (array,))
+    upper, info = potrf(array.T, lower=0, clean=1, overwrite_a=0)
+    if info != 0:
+        return None
+    lower = upper.T
+    return lower if isinstance(matrix, np.ndarray) else backend.torch.from_numpy(lower)
 
 
 def solve_triangular(lower, rhs, transpose=False):
@@ -207,7 +233,9 @@ def conjugate_gradient(apply_matrix, rhs, start, apply_preconditioner=None, rtol
         ``rhs - apply_matrix(start)`` when the caller already has it, which saves one product.
     auxiliary : tensor or None
         ``B(start)``. The solver then also returns ``B(solution)``, built from the images of
-        the search directions, so the caller gets it without applying ``B`` again.
+        the search directions, so the caller gets it without applying ``B`` again. It is
+        updated in place (it can be as large as the metric basis of the Tucker-2 solves, and a
+        new array of that size per iteration cost more than the update).
 
     Returns
     -------
@@ -241,7 +269,7 @@ def conjugate_gradient(apply_matrix, rhs, start, apply_preconditioner=None, rtol
         step = product / curvature
         solution = solution + step * direction
         if auxiliary is not None:
-            auxiliary = auxiliary + step * direction_auxiliary
+            auxiliary = backend.add_scaled_(auxiliary, step, direction_auxiliary)
         residual = residual - step * image
         converged = float(tl.norm(residual)) <= target
         if iteration >= min_iter and converged:

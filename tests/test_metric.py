@@ -155,6 +155,47 @@ def test_inputs_not_modified_and_float64():
     assert converted.matrix.dtype == np.float64
 
 
+@pytest.mark.parametrize("array_type", ["numpy", "torch"])
+def test_large_dense_metric_entries_kept(array_type):
+    # Side 1100 spans three of the blocks in which the positive-definiteness check restores
+    # the matrix it factorises in place.
+    if array_type == "torch" and torch is None:
+        pytest.skip("torch is not installed")
+    rng = np.random.default_rng(8)
+    matrix = _random_spd(1100, rng)
+    matrix[0, 1] += 1e-12  # symmetric up to round-off only
+    original = matrix.copy()
+    argument = matrix if array_type == "numpy" else torch.from_numpy(matrix)
+    tensor = rng.standard_normal((3, 1100))
+    tensor = tensor if array_type == "numpy" else torch.from_numpy(tensor)
+
+    converted = _to_numpy(as_metric(argument, tensor, metric_reg=1e-3).matrix)
+
+    symmetric = (original + original.T) / 2
+    off_diagonal = ~np.eye(1100, dtype=bool)
+    np.testing.assert_array_equal(converted[off_diagonal], symmetric[off_diagonal])
+    shift = 1e-3 * np.trace(original) / 1100
+    np.testing.assert_allclose(np.diag(converted), np.diag(original) + shift, rtol=1e-15)
+    np.testing.assert_array_equal(_to_numpy(argument), original)
+
+
+@pytest.mark.parametrize("array_type", ["numpy", "torch"])
+def test_large_indefinite_metric_raises(array_type):
+    if array_type == "torch" and torch is None:
+        pytest.skip("torch is not installed")
+    rng = np.random.default_rng(9)
+    matrix = _random_spd(700, rng)
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    eigenvalues[0] = -0.1 * eigenvalues.mean()
+    matrix = (eigenvectors * eigenvalues) @ eigenvectors.T
+    argument = matrix if array_type == "numpy" else torch.from_numpy(matrix)
+    tensor = rng.standard_normal((3, 700))
+    tensor = tensor if array_type == "numpy" else torch.from_numpy(tensor)
+
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        as_metric(argument, tensor)
+
+
 @pytest.mark.skipif(torch is None, reason="torch is not installed")
 @pytest.mark.parametrize("global_backend", ["pytorch", "numpy"])
 def test_converted_to_tensor_backend(global_backend):

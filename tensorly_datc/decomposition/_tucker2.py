@@ -10,7 +10,12 @@ from .. import _backend as backend
 from .._solvers import check_solver
 from ..metric import as_metric, kronecker_approximation
 from . import _common as common
-from ._tucker2_steps import reconstruct_unfolded, update_input_factor, update_output_and_core
+from ._tucker2_steps import (
+    reconstruct_unfolded,
+    squared_norm,
+    update_input_factor,
+    update_output_and_core,
+)
 
 __all__ = ["weighted_tucker2", "WeightedTucker2"]
 
@@ -168,7 +173,7 @@ def _run_alternating(tensor, metric, ranks, input_factor, options):
     shape = tuple(tl.shape(tensor))
     n_taps = math.prod(shape[2:])
     unfolded = tl.reshape(tensor, (shape[0], -1))
-    norm_squared = float(metric.quadratic(unfolded))
+    norm_squared = squared_norm(unfolded, metric, n_taps)
     state = {"cg_rtol": 1e-4}
 
     def step(input_factor):
@@ -179,7 +184,7 @@ def _run_alternating(tensor, metric, ranks, input_factor, options):
             )
             input_factor = common.orthonormalise(input_factor)[0]
         output_factor, core, captured = update_output_and_core(
-            unfolded, metric, input_factor, ranks[0], n_taps
+            unfolded, metric, input_factor, ranks[0], n_taps, solver=options["solver"]
         )
         state.update(output_factor=output_factor, core=core)
         if norm_squared == 0:

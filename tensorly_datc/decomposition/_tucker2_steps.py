@@ -46,6 +46,13 @@ MAX_FACTOR_CONDITION = 100.0
 # sweep improves the error by less than about 1e-4 relatively.
 FLOAT32_MIN_RTOL = 1e-5
 
+# While the solves run in float32, the joint update does too, unless the smallest pivot of the
+# Cholesky factor of its normal matrix is below this fraction of the largest. Such a matrix has a
+# condition number above 1e6, where float32 factors lose most of their digits, and the update
+# is redone in float64. A sweep that the float32 update makes worse sends the driver to float64
+# for good (see FLOAT32_MIN_RTOL).
+FLOAT32_MIN_PIVOT_RATIO = 1e-3
+
 # Arrays derived from a dense metric for one decomposition, keyed by the metric object (which
 # the decomposition creates for each call), so they are freed with it.
 # NOTE: the step functions receive only (unfolded, metric), so this cache replaces a work object
@@ -97,12 +104,14 @@ class _DenseProblem:
         weighted = tl.reshape(metric.rmatmul(unfolded), (n_outputs, n_inputs, n_taps))
         weighted = tl.transpose(weighted, (0, 2, 1))
         self.weighted_tensor = tl.reshape(weighted, (n_outputs * n_taps, n_inputs))
+        self.weighted_tensor32 = _to_float32(self.weighted_tensor)
         tap_blocks = tl.reshape(metric.matrix, (n_inputs, n_taps, n_inputs, n_taps))
         self.channel_inverse = spd_pseudo_inverse(backend.einsum("akbk->ab", tap_blocks) / n_taps)
         self.factor = self.basis = self.rotation = self.core = None
         self.driver_factor = self.driver_core = self.pending = None
         self.drift = 0.0
         self.precise = False
+        self.iterative = False
 
     def exact_basis(self, factor):
         """Return ``M kron(I_K, factor)`` in tap-major order, (D, K * R1), in float64."""
@@ -130,13 +139,14 @@ class _DenseProblem:
         After a conjugate-gradient solve, ``X`` is its solution when ``input_factor``
         orthonormalises it, with the basis the solve built. When that factor has drifted too
         far, ``X`` is ``input_factor`` with a basis recomputed in the precision of the solves.
-        Without a solve before, ``X`` is ``input_factor`` with a float64 basis, so that direct
-        solves keep float64 accuracy.
+        Without a solve before, ``X`` is ``input_factor`` with a basis in the precision of the
+        solves that will follow: float64 for direct solves, so that they keep float64 accuracy.
         """
         identity = tl.eye(tl.shape(input_factor)[1], **tl.context(input_factor))
         if self.pending is None:
             self.drift = 0.0
-            return input_factor, self.exact_basis(input_factor), identity
+            basis = self.working_basis(input_factor) if self.iterative else self.exact_basis(input_factor)
+            return input_factor, basis, identity
 
         factor, basis = self.pending
         self.pending = None
@@ -193,6 +203,20 @@ def _dense_problem(unfolded, metric, n_taps):
     return problem
 
 
+def squared_norm(unfolded, metric, n_taps):
+    """Return ``tr(W M W^T)`` for the unfolded weight ``W``.
+
+    For a dense metric it comes from the ``W M`` that the updates keep, which saves a product
+    of cost ``I0 D^2``.
+    """
+    if metric.kind != "dense":
+        return float(metric.quadratic(unfolded))
+    problem = _dense_problem(unfolded, metric, n_taps)
+    n_outputs = tl.shape(unfolded)[0]
+    tap_major = tl.transpose(tl.reshape(unfolded, (n_outputs, problem.n_inputs, n_taps)), (0, 2, 1))
+    return float(tl.sum(tl.reshape(tap_major, tl.shape(problem.weighted_tensor)) * problem.weighted_tensor))
+
+
 def _to_tap_major(core, n_taps):
     """Reorder the core's columns from (r, k) to (k, r): (R0, R1 * K) to (R0, K, R1)."""
     rank_out = tl.shape(core)[0]
@@ -220,14 +244,21 @@ def metric_times_kron(metric, input_factor, n_taps):
     return tl.transpose(metric.rmatmul(tl.transpose(expanded)))
 
 
-def _fit_output_and_core(normal, projected, output_rank):
+def _fit_output_and_core(normal, projected, output_rank, min_pivot_ratio=None):
     """Return the optimal (U_T, core, captured) for the normal matrix ``N`` and ``W M P``.
 
     With ``N = F F^T``, the optimal core for an output factor is ``U_T^T (W M P F) F^T``, and
     the optimal orthonormal ``U_T`` spans the leading eigenvectors of ``(W M P F)(W M P F)^T``.
-    Only the lower triangle of ``normal`` is read.
+    Only the lower triangle of ``normal`` is read. With ``min_pivot_ratio``, returns None
+    instead when the factorisation fails or its pivots span a wider ratio.
     """
     factor = InverseFactor(normal)
+    if min_pivot_ratio is not None:
+        if factor.lower is None:
+            return None
+        pivots = tl.diag(factor.lower)
+        if float(tl.min(pivots)) < min_pivot_ratio * float(tl.max(pivots)):
+            return None
     whitened = factor.right_multiply(projected)
     gram = tl.dot(whitened, tl.transpose(whitened))
     output_factor = leading_eigenvectors(gram, output_rank)
@@ -236,12 +267,13 @@ def _fit_output_and_core(normal, projected, output_rank):
     return output_factor, core, captured
 
 
-def update_output_and_core(unfolded, metric, input_factor, output_rank, n_taps):
+def update_output_and_core(unfolded, metric, input_factor, output_rank, n_taps, solver="auto"):
     """Minimise over the output factor and the core jointly, for a fixed input factor.
 
     With ``A = M P`` and ``N = P^T M P`` (``P = kron(U_S, I_K)``), the optimal core for any
     output factor is ``U_T^T W A N^-1``, and the optimal orthonormal output factor spans the
-    leading eigenvectors of ``W A N^-1 A^T W^T``.
+    leading eigenvectors of ``W A N^-1 A^T W^T``. ``solver`` is the input-factor solver of the
+    decomposition; with a dense metric, it sets the precision of the first update.
 
     Returns
     -------
@@ -260,9 +292,11 @@ def update_output_and_core(unfolded, metric, input_factor, output_rank, n_taps):
         )
         return _fit_output_and_core(normal, tl.dot(unfolded, weighted), output_rank)
 
-    return _update_dense_output_and_core(
-        _dense_problem(unfolded, metric, n_taps), input_factor, output_rank
-    )
+    problem = _dense_problem(unfolded, metric, n_taps)
+    if problem.factor is None:
+        # The same choice as update_input_factor makes
+        problem.iterative = not use_dense(solver, n_inputs * input_rank, 2 * output_rank * metric.size**2)
+    return _update_dense_output_and_core(problem, input_factor, output_rank)
 
 
 def _update_dense_output_and_core(problem, input_factor, output_rank):
@@ -271,10 +305,20 @@ def _update_dense_output_and_core(problem, input_factor, output_rank):
     input_rank = tl.shape(input_factor)[1]
     factor, basis, rotation = problem.joint_coordinates(input_factor)
 
-    normal = _normal_lower_blocks(factor, basis, n_taps)
     n_outputs = tl.shape(problem.weighted_tensor)[0] // n_taps
-    projected = tl.reshape(tl.dot(problem.weighted_tensor, factor), (n_outputs, n_taps * input_rank))
-    output_factor, core, captured = _fit_output_and_core(normal, projected, output_rank)
+    fitted = None
+    if not problem.precise and not _is_float64(basis):
+        normal = _normal_lower_blocks(factor, basis, n_taps, float64=False)
+        projected = tl.dot(problem.weighted_tensor32, _to_float32(factor))
+        projected = tl.reshape(projected, (n_outputs, n_taps * input_rank))
+        fitted = _fit_output_and_core(normal, projected, output_rank, min_pivot_ratio=FLOAT32_MIN_PIVOT_RATIO)
+        if fitted is not None:
+            output_factor, core, captured = fitted
+            output_factor, core = _to_float64(output_factor), _to_float64(core)
+    if fitted is None:
+        normal = _normal_lower_blocks(factor, basis, n_taps)
+        projected = tl.reshape(tl.dot(problem.weighted_tensor, factor), (n_outputs, n_taps * input_rank))
+        output_factor, core, captured = _fit_output_and_core(normal, projected, output_rank)
 
     # The driver keeps the orthonormal factor Q = X R^-1, for which the core is G kron(I_K, R^T)
     core = tl.reshape(core, (output_rank, n_taps, input_rank))
@@ -286,24 +330,27 @@ def _update_dense_output_and_core(problem, input_factor, output_rank):
     return output_factor, driver_core, captured
 
 
-def _normal_lower_blocks(factor, basis, n_taps):
+def _normal_lower_blocks(factor, basis, n_taps, float64=True):
     """Return ``N = kron(I_K, X)^T basis`` (tap-major), with only its lower block triangle set.
 
-    Block (k, l) of ``N`` is ``X^T basis[k, l]``; the blocks above the diagonal are left zero,
-    since the factorisation of ``N`` reads its lower triangle only. The products run in the
-    dtype of ``basis``; ``N`` is returned in float64.
+    Block (k, l) of ``N`` is ``X^T basis[k, l]``; the blocks above the diagonal are left
+    unset, since the factorisation of ``N`` reads its lower triangle only. The products run in
+    the dtype of ``basis``; ``N`` is returned in float64, or in that dtype when ``float64`` is
+    False.
     """
     n_inputs, input_rank = tl.shape(factor)
     side = n_taps * input_rank
     transposed = tl.transpose(factor if _same_dtype(factor, basis) else _to_float32(factor))
     blocks = tl.reshape(basis, (n_taps, n_inputs, side))
-    rows = [tl.dot(transposed, blocks[k][:, : (k + 1) * input_rank]) for k in range(n_taps)]
-    zeros = tl.zeros((input_rank, side), **tl.context(basis))
-    normal = tl.concatenate(
-        [tl.concatenate([row, zeros[:, (k + 1) * input_rank :]], axis=1) for k, row in enumerate(rows)],
-        axis=0,
-    )
-    return _to_float64(normal)
+    if isinstance(factor, np.ndarray):
+        normal = np.empty((side, side), dtype=np.float64 if float64 else basis.dtype)
+    else:
+        dtype = backend.torch.float64 if float64 else basis.dtype
+        normal = backend.torch.empty((side, side), dtype=dtype, device=factor.device)
+    for k in range(n_taps):
+        rows = slice(k * input_rank, (k + 1) * input_rank)
+        normal[rows, : rows.stop] = tl.dot(transposed, blocks[k][:, : rows.stop])
+    return normal
 
 
 def _same_dtype(first, second):
@@ -407,7 +454,8 @@ def _solve_input_cg(problem, output_factor, core, input_factor, cg_rtol, cg_max_
     )
     rhs = operator.contract(projected)
 
-    # First residual b - A X = contract(U_T^T W M - G basis^T)
+    # First residual b - A X = contract(U_T^T W M - G basis^T). The solve then updates the basis
+    # in place, which is safe: the next joint update takes its result or recomputes it.
     residual = operator.contract(projected - operator.model(basis))
     solution, n_iter, solution_basis = conjugate_gradient(
         operator, rhs, factor, operator.precondition, rtol=cg_rtol, max_iter=cg_max_iter,
