@@ -276,6 +276,54 @@ def test_float32_conv_statistics_match_float64_reference():
     _assert_matches_rows(statistics, rows, tol=1e-5)
 
 
+class _ClobbersItsInput(nn.Module):
+    """Convolution whose input tensor is zeroed in place after the layer has run."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, kernel_size=3, padding=1)
+
+    def forward(self, inputs):
+        inputs = inputs * 1.0
+        outputs = self.conv(inputs)
+        inputs.zero_()
+        return outputs
+
+
+def test_held_back_inputs_survive_in_place_changes():
+    # Batches of 2 images of 4x4 pixels fill no chunk, so their inputs are held back while
+    # the model zeroes them.
+    torch.manual_seed(4)
+    model = _ClobbersItsInput().double()
+    inputs = torch.randn(6, 2, 4, 4, dtype=torch.float64)
+
+    statistics = collect_input_statistics(model, inputs, batch_size=2, progress=False)
+
+    _assert_matches_rows(statistics["conv"], _reference_conv_patches(model.conv, inputs))
+
+
+def test_batches_of_different_sizes_match_brute_force():
+    torch.manual_seed(5)
+    conv = nn.Conv2d(2, 3, kernel_size=3, padding=1).double()
+    batches = [torch.randn(2, 2, 5, 5, dtype=torch.float64), torch.randn(1, 2, 5, 7, dtype=torch.float64),
+               torch.randn(3, 2, 5, 7, dtype=torch.float64)]
+
+    statistics = collect_input_statistics(conv, batches, progress=False)[""]
+
+    rows = torch.cat([_reference_conv_patches(conv, batch) for batch in batches])
+    _assert_matches_rows(statistics, rows)
+
+
+def test_many_small_linear_batches_match_brute_force():
+    torch.manual_seed(6)
+    layer = nn.Linear(7, 2).double()
+    inputs = torch.randn(50, 7, dtype=torch.float64)
+
+    statistics = collect_input_statistics(layer, inputs, batch_size=3, progress=False)[""]
+
+    _assert_matches_rows(statistics, inputs)
+
+
 def test_merge_of_halves_equals_whole():
     model = _small_cnn().double()
     inputs = torch.randn(9, 3, 6, 6, dtype=torch.float64)

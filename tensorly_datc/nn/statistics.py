@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 __all__ = ["InputStatistics", "collect_input_statistics", "save_statistics", "load_statistics"]
 
+from .. import _backend as backend
 from ._checks import check_module, check_names, check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -172,7 +173,11 @@ class _MomentAccumulator:
         self.count += rows.shape[0]
 
     def to_statistics(self):
-        return InputStatistics(self.sum_outer / self.count, self.sum / self.count, self.count)
+        """Return the moments, dividing the sums in place: the accumulator is spent afterwards."""
+        # A new array of the size of the sums costs more than the division (page faults).
+        self.sum_outer /= self.count
+        self.sum /= self.count
+        return InputStatistics(self.sum_outer, self.sum, self.count)
 
 
 def _conv2d_padding(module):
@@ -281,7 +286,7 @@ def _prepare_sums(accumulator, n_features, like):
 
 # Column blocks of at least this many features let the im2col product skip the blocks below the
 # diagonal, since the Gram matrix is symmetric. Smaller blocks would make the products slow.
-_MIN_GRAM_BLOCK = 256
+_MIN_GRAM_BLOCK = 64
 
 
 def _add_patch_columns(accumulator, columns):
@@ -560,16 +565,64 @@ def _batch_count(data, batch_size):
         return None
 
 
-def _make_hook(name, accumulator, accumulate, max_patches_per_chunk):
-    """Return a forward pre-hook that adds the layer's inputs to ``accumulator``."""
+class _BufferedHook:
+    """Forward pre-hook that adds a layer's inputs to ``accumulator``, a chunk at a time.
 
-    def hook(module, args, kwargs):
+    Inputs of consecutive batches are held back until their input positions (pixels for a
+    convolution, rows for a linear layer) fill a chunk of ``chunk_positions``, and then added
+    together. Layers with small inputs, such as the last stages of a CNN, would otherwise pay
+    the float64 update of the ``D x D`` sums once per batch, which can cost more than their
+    products. Call :meth:`flush` after the last batch.
+    """
+
+    def __init__(self, name, accumulator, accumulate, max_patches_per_chunk, chunk_positions):
+        self.name = name
+        self.accumulator = accumulator
+        self.accumulate = accumulate
+        self.max_patches_per_chunk = max_patches_per_chunk
+        self.chunk_positions = chunk_positions
+        self.module = None
+        self.pending = []
+        self.pending_positions = 0
+
+    def __call__(self, module, args, kwargs):
         inputs = args[0] if args else kwargs["input"]
-        if not torch.isfinite(inputs).all():
-            raise ValueError(f"the input of layer {name} contains non-finite values (NaN or inf)")
-        accumulate(accumulator, module, inputs.detach(), max_patches_per_chunk)
+        if not backend.is_finite(inputs):
+            raise ValueError(f"the input of layer {self.name} contains non-finite values (NaN or inf)")
+        inputs = inputs.detach()
+        if isinstance(module, torch.nn.Conv2d) and inputs.ndim == 3:
+            inputs = inputs.unsqueeze(0)
+        # Batches are joined along their first dimension, so the other dimensions must agree.
+        if self.pending and self.pending[0].shape[1:] != inputs.shape[1:]:
+            self.flush()
+        self.module = module
+        self.pending_positions += inputs.numel() // _position_size(module, inputs)
+        if self.pending_positions >= self.chunk_positions:
+            self.pending.append(inputs)
+            self.flush()
+        else:
+            # A copy, since the model may change the tensor in place after this layer has run
+            self.pending.append(inputs.clone())
 
-    return hook
+    def flush(self):
+        """Add the held-back inputs to the accumulator."""
+        if not self.pending:
+            return
+        inputs = self.pending[0] if len(self.pending) == 1 else torch.cat(self.pending)
+        self.pending, self.pending_positions = [], 0
+        self.accumulate(self.accumulator, self.module, inputs, self.max_patches_per_chunk)
+
+
+def _position_size(module, inputs):
+    """Return the number of input entries per position: channels of a pixel or features of a row."""
+    return inputs.shape[1] if isinstance(module, torch.nn.Conv2d) else inputs.shape[-1]
+
+
+def _chunk_positions(module, max_patches_per_chunk):
+    """Return how many input positions of ``module`` make one chunk of its accumulation."""
+    if isinstance(module, torch.nn.Conv2d) and module.stride == (1, 1) and module.padding_mode == "zeros":
+        return max_patches_per_chunk * module.kernel_size[0]
+    return max_patches_per_chunk
 
 
 def collect_input_statistics(
@@ -681,8 +734,9 @@ def collect_input_statistics(
     # Run the model with one accumulating hook per layer
     accumulators = {name: _MomentAccumulator() for name in selected}
     hooks = {
-        module: _make_hook(
-            name, accumulators[name], _accumulation_function(module), max_patches_per_chunk
+        module: _BufferedHook(
+            name, accumulators[name], _accumulation_function(module), max_patches_per_chunk,
+            _chunk_positions(module, max_patches_per_chunk),
         )
         for name, module in selected.items()
     }
@@ -694,6 +748,8 @@ def collect_input_statistics(
     )
     with progress_bar:
         _run_with_hooks(model, hooks, progress_bar, device)
+    for hook in hooks.values():
+        hook.flush()
 
     # Combine the shards of all processes, then leave out the layers that never ran
     statistics = {
