@@ -155,19 +155,25 @@ def test_inputs_not_modified_and_float64():
     assert converted.matrix.dtype == np.float64
 
 
+def _as_array_type(array, array_type):
+    """Return ``array`` as it is ("numpy") or as a torch tensor sharing its memory ("torch")."""
+    if array_type == "numpy":
+        return array
+    if torch is None:
+        pytest.skip("torch is not installed")
+    return torch.from_numpy(array)
+
+
 @pytest.mark.parametrize("array_type", ["numpy", "torch"])
 def test_large_dense_metric_entries_kept(array_type):
     # Side 1100 spans three of the blocks in which the positive-definiteness check restores
     # the matrix it factorises in place.
-    if array_type == "torch" and torch is None:
-        pytest.skip("torch is not installed")
     rng = np.random.default_rng(8)
     matrix = _random_spd(1100, rng)
     matrix[0, 1] += 1e-12  # symmetric up to round-off only
     original = matrix.copy()
-    argument = matrix if array_type == "numpy" else torch.from_numpy(matrix)
-    tensor = rng.standard_normal((3, 1100))
-    tensor = tensor if array_type == "numpy" else torch.from_numpy(tensor)
+    argument = _as_array_type(matrix, array_type)
+    tensor = _as_array_type(rng.standard_normal((3, 1100)), array_type)
 
     converted = _to_numpy(as_metric(argument, tensor, metric_reg=1e-3).matrix)
 
@@ -181,19 +187,14 @@ def test_large_dense_metric_entries_kept(array_type):
 
 @pytest.mark.parametrize("array_type", ["numpy", "torch"])
 def test_large_indefinite_metric_raises(array_type):
-    if array_type == "torch" and torch is None:
-        pytest.skip("torch is not installed")
     rng = np.random.default_rng(9)
-    matrix = _random_spd(700, rng)
-    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    eigenvalues, eigenvectors = np.linalg.eigh(_random_spd(700, rng))
     eigenvalues[0] = -0.1 * eigenvalues.mean()
     matrix = (eigenvectors * eigenvalues) @ eigenvectors.T
-    argument = matrix if array_type == "numpy" else torch.from_numpy(matrix)
     tensor = rng.standard_normal((3, 700))
-    tensor = tensor if array_type == "numpy" else torch.from_numpy(tensor)
 
     with pytest.raises(ValueError, match="positive semi-definite"):
-        as_metric(argument, tensor)
+        as_metric(_as_array_type(matrix, array_type), _as_array_type(tensor, array_type))
 
 
 @pytest.mark.skipif(torch is None, reason="torch is not installed")
