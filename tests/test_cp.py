@@ -588,6 +588,27 @@ def test_rank_above_mode_size():
     assert metric_error(tensor, cp_tensor) < 1.0
 
 
+def test_rank_above_largest_possible_clipped():
+    # Every 6x4x3 tensor has a CP rank of at most 4 * 3 = 12.
+    rng = np.random.default_rng(25)
+    tensor = rng.standard_normal((6, 4, 3))
+
+    with pytest.warns(UserWarning, match=r"rank 500 requested.* at most 12 .*using 12"):
+        cp_tensor = weighted_parafac(tensor, 500, n_iter_max=3)
+
+    assert [f.shape for f in cp_tensor.factors] == [(6, 12), (4, 12), (3, 12)]
+
+
+def test_explicit_start_keeps_its_rank():
+    rng = np.random.default_rng(26)
+    tensor = rng.standard_normal((3, 2, 2))
+    start = CPTensor((np.ones(5), [rng.standard_normal((size, 5)) for size in (3, 2, 2)]))
+
+    cp_tensor = weighted_parafac(tensor, 5, init=start, n_iter_max=2)
+
+    assert [f.shape for f in cp_tensor.factors] == [(3, 5), (2, 5), (2, 5)]
+
+
 @requires_torch
 def test_conv_rank_above_kernel_size(device):
     rng = np.random.default_rng(25)

@@ -23,6 +23,23 @@ from ._cp_steps import (
 __all__ = ["weighted_parafac", "WeightedCP"]
 
 
+def _clip_rank(rank, shape):
+    """Clip ``rank`` to the largest CP rank a tensor of ``shape`` can have, with a warning.
+
+    Every tensor is the sum of one rank-one term per index of all its modes but the largest,
+    so its CP rank is at most the product of those mode sizes; a larger rank only adds cost.
+    """
+    limit = math.prod(shape) // max(shape)
+    if rank > limit:
+        warnings.warn(
+            f"rank {rank} requested, but every tensor of shape {shape} has a CP rank of at most "
+            f"{limit} (the product of its mode sizes but the largest); using {limit}",
+            stacklevel=4,
+        )
+        return limit
+    return rank
+
+
 def _check_init(init, shape, rank):
     if isinstance(init, str):
         if init not in common.INIT_NAMES:
@@ -267,7 +284,9 @@ def weighted_parafac(
         Real tensor of order >= 2 on any TensorLy backend and device. For a convolution weight
         use (out, in, kh, kw) for the 4-way layout or (out, in, kh * kw) for the 3-way one.
     rank : int
-        Number of rank-one terms; it may exceed the size of any mode.
+        Number of rank-one terms; it may exceed the size of any mode. A rank above the
+        largest CP rank of the tensor's shape (the product of its mode sizes but the largest)
+        is clipped to it with a warning, unless ``init`` gives the factors.
     metric : None, ndarray, list of ndarray, optional
         None (identity), a dense PSD matrix of side ``prod(shape[1:])``, a vector of that
         length (diagonal metric), or a list of per-mode PSD matrices for modes 1..; see
@@ -349,6 +368,8 @@ def _decompose(tensor, rank, metric, n_iter_max, init, tol, random_state, verbos
     common.check_tensor(tensor)
     shape = tuple(tl.shape(tensor))
     rank = common.check_int(rank, "rank")
+    if isinstance(init, str):
+        rank = _clip_rank(rank, shape)
     n_iter_max = common.check_int(n_iter_max, "n_iter_max", minimum=0)
     cg_max_iter = common.check_int(cg_max_iter, "cg_max_iter")
     common.check_tol(tol)
