@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import tensorly as tl
+from hypothesis import settings
 from threadpoolctl import threadpool_limits
 
 try:
@@ -18,6 +19,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     threadpool_limits(1)
     if torch is not None:
         torch.set_num_threads(1)
+
+# In continuous integration the property tests draw the same examples on every run, so that a
+# red build always points at a change. Local runs draw new examples and keep exploring.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 BACKENDS = ["numpy"] + (["pytorch"] if torch is not None else [])
 

@@ -107,7 +107,7 @@ def _initial_factors(init, tensor, metric, rank, random_state):
 def _scaled_to(tensor, factors):
     """Scale the first factor so that the start has the norm of ``tensor``.
 
-    TensorLy's start draws its random columns in [0, 1) whatever the scale of the tensor; with
+    TensorLy's random start draws its columns in [0, 1) whatever the scale of the tensor; with
     the proximal term pulling towards the start, that would make the result depend on the
     tensor's scale.
     """
@@ -119,11 +119,30 @@ def _scaled_to(tensor, factors):
 
 
 def _tensorly_start(tensor, rank, init, random_state):
-    """Return TensorLy's CP start; for a rank above a mode size it adds random columns."""
+    """Return TensorLy's CP start; for a rank above a mode size it adds random columns.
+
+    TensorLy's SVD start scales the first factor's singular vectors by the singular values
+    but draws the added columns in [0, 1), so their share of the start would depend on the
+    scale of the tensor. Each added column is rescaled to the mean norm of the singular-vector
+    columns of its factor, which makes the start, and so the result, scale-equivariant.
+    """
     with warnings.catch_warnings():
         # TensorLy warns that it clips the SVD, then fills the missing columns at random.
         warnings.filterwarnings("ignore", message="Trying to compute SVD", category=UserWarning)
-        return list(initialize_cp(tensor, rank, init=init, random_state=random_state)[1])
+        factors = list(initialize_cp(tensor, rank, init=init, random_state=random_state)[1])
+    if init != "svd":
+        return factors
+    for mode, factor in enumerate(factors):
+        n_singular = tl.shape(factor)[0]
+        if n_singular >= rank:
+            continue
+        singular_norms = tl.norm(factor[:, :n_singular], axis=0)
+        added_norms = tl.norm(factor[:, n_singular:], axis=0)
+        target = float(tl.mean(singular_norms))
+        if target > 0 and float(tl.min(added_norms)) > 0:
+            added = factor[:, n_singular:] * (target / added_norms)
+            factors[mode] = tl.concatenate([factor[:, :n_singular], added], axis=1)
+    return factors
 
 
 def _move_norms_to_first(factors, mode):
