@@ -39,21 +39,38 @@ WEIGHTS = {20: "resnet20-12fca82f.th", 32: "resnet32-d509ac18.th", 44: "resnet44
 
 
 def parse_arguments(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--data", type=Path, default=Path("../shared/data"),
                         help="folder with cifar10_resnets/, cifar10_calibration.npz, cifar10_test.npz")
-    parser.add_argument("--depths", type=int, nargs="+", default=[20, 56], choices=sorted(WEIGHTS))
+    parser.add_argument("--depths", type=int, nargs="+", default=[20, 56], choices=sorted(WEIGHTS),
+                        help="ResNet depths to compress")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1 / 3],
                         help="fraction of the weights each compressed layer keeps (budget for the "
                              "global allocation)")
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
-    parser.add_argument("--cp-layout", default="cp3", choices=("cp3", "cp4"))
-    parser.add_argument("--n-calibration", type=int, default=1000)
-    parser.add_argument("--n-test", type=int, default=10000)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS,
+                        help="methods to measure (see the module documentation)")
+    parser.add_argument("--cp-layout", default="cp3", choices=("cp3", "cp4"),
+                        help="CP layout of the cp rows: 1x1, depthwise 3x3, 1x1 (cp3) or with "
+                             "separate 3x1 and 1x3 depthwise convolutions (cp4)")
+    parser.add_argument("--n-calibration", type=int, default=1000,
+                        help="calibration images, from the start of cifar10_calibration.npz")
+    parser.add_argument("--n-test", type=int, default=10000,
+                        help="test images, from the start of cifar10_test.npz")
     parser.add_argument("--n-iter-max", type=int, default=50, help="sweeps per decomposition")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/cifar_resnets.json"))
-    return parser.parse_args(argv)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random starts and crops")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/cifar_resnets.json"),
+                        help="JSON file for the results")
+    args = parser.parse_args(argv)
+    for ratio in args.ratios:
+        if not 0 < ratio <= 1:
+            parser.error(f"every value of --ratios must be in (0, 1]; got {ratio}")
+    for option in ("n_calibration", "n_test", "n_iter_max"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1; got {getattr(args, option)}")
+    return args
 
 
 # Sequentially compressed models by (model, ratio), shared by the rows with and without BN.

@@ -52,7 +52,10 @@ IMAGE_SIZE = 224
 
 
 def parse_arguments(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--data", type=Path, default=Path("../shared/data"),
                         help="folder with cifar10_calibration.npz")
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS,

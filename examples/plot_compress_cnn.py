@@ -151,6 +151,8 @@ def parse_arguments(argv=None):
     # Check the files before the run, so a typo does not end a long run with a traceback.
     if args.output.exists() and not args.output.is_dir():
         parser.error(f"--output must be a folder; {args.output} is a file")
+    if args.weights is not None and args.weights.is_dir():
+        parser.error(f"--weights must be a file; {args.weights} is a folder")
     if args.weights is not None and not args.weights.is_file():
         parser.error(f"--weights: file not found: {args.weights}")
     if args.data is not None:
@@ -211,14 +213,18 @@ def load_digits_problem(args):
 
 def load_cifar_problem(args):
     """Return the name and the CIFAR ResNet, calibration images and test (images, labels)."""
-    model = load_cifar_resnet(args.weights)
+    try:
+        model = load_cifar_resnet(args.weights)
+    except ValueError as error:
+        raise SystemExit(f"--weights: {error}") from error
     n_calibration = args.n_calibration or CIFAR_CALIBRATION_IMAGES
     n_test = args.n_test or CIFAR_TEST_IMAGES
     if args.calibration == "photos":
         calibration_images = image_crops(n_calibration, size=32, random_state=args.seed)
     else:
-        calibration_images, _ = load_cifar10(args.data / "cifar10_calibration.npz", n_calibration)
-    test = load_cifar10(args.data / "cifar10_test.npz", n_test)
+        images, labels = load_cifar10(args.data / "cifar10_calibration.npz")
+        calibration_images, _ = take(images, labels, n_calibration, "calibration")
+    test = take(*load_cifar10(args.data / "cifar10_test.npz"), n_test, "test")
     return f"CIFAR ResNet-{model.depth}", model, calibration_images, test
 
 

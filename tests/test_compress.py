@@ -897,6 +897,14 @@ def test_input_size_gives_macs_with_statistics():
     assert rows["body"].macs_after == 612
 
 
+def test_input_size_of_wrong_shape_named():
+    model = mac_model()
+    statistics = collect_input_statistics(model, random_input((16, 8, 9, 9)), progress=False)
+
+    with pytest.raises(ValueError, match=r"input_size \(3, 9, 9\) does not fit the model"):
+        compress(model, statistics, ranks=MAC_RANKS, input_size=(3, 9, 9), progress=False)
+
+
 def test_fewer_macs_needs_input_size():
     model = mac_model()
     statistics = collect_input_statistics(model, random_input((16, 8, 9, 9)), progress=False)

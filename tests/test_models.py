@@ -206,6 +206,16 @@ def test_load_non_dict_raises(tmp_path):
         load_cifar_resnet(path)
 
 
+@pytest.mark.parametrize("content", [b"not a checkpoint\n", b"", b"PK\x03\x04 truncated zip"])
+def test_load_non_checkpoint_raises(tmp_path, content):
+    path = tmp_path / "notes.th"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="notes.th is not a PyTorch checkpoint") as caught:
+        load_cifar_resnet(path)
+    # The message must not pass on torch's advice to load the file without weights_only.
+    assert "weights_only set to False" not in str(caught.value)
+
+
 # Pretrained weights on real CIFAR-10 images
 
 

@@ -244,13 +244,24 @@ def load_cifar_resnet(path, map_location="cpu"):
     FileNotFoundError
         If ``path`` is not an existing file.
     ValueError
-        If the file does not contain a state dict, or the state dict's keys or shapes do not
-        match a CIFAR ResNet.
+        If the file is not a checkpoint that loads with ``weights_only=True``, does not contain
+        a state dict, or the state dict's keys or shapes do not match a CIFAR ResNet.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained CIFAR ResNet file not found: {path}")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        # torch.load raises many types (UnpicklingError, RuntimeError, KeyError, EOFError...)
+        # for a file that is not a checkpoint, and its advice to turn off weights_only would run
+        # arbitrary code from such a file: report the file instead.
+        message = str(error).strip()
+        reason = type(error).__name__ + (f": {message.splitlines()[0]}" if message else "")
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint that can be loaded safely (torch.load with "
+            f"weights_only=True failed: {reason})"
+        ) from error
 
     # Unwrap a checkpoint dict and remove the DataParallel prefix
     state_dict = _extract_state_dict(checkpoint, path)

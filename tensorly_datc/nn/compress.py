@@ -79,7 +79,7 @@ def select_layers(model, layers=None, exclude=()):
     exclude = set(check_names(exclude, "exclude"))
     unknown = sorted(exclude - set(modules))
     if unknown:
-        raise ValueError(f"exclude names layers that are not in the model: {unknown}")
+        raise ValueError(f"exclude: no layer named {unknown} in the model")
 
     if layers is None or layers == "all":
         names = [name for name, module in modules.items()
@@ -91,7 +91,7 @@ def select_layers(model, layers=None, exclude=()):
         names = check_names(layers, "layers")
         unknown = sorted(set(names) - set(modules))
         if unknown:
-            raise ValueError(f"layers names layers that are not in the model: {unknown}")
+            raise ValueError(f"layers: no layer named {unknown} in the model")
         named = True
 
     targets, skipped = [], []
@@ -433,7 +433,17 @@ def compress(
     )
     example = _first_example(data, input_size, model)
     if example is not None:
-        sizes = _input_sizes(model, example, [name for name, _ in targets])
+        try:
+            sizes = _input_sizes(model, example, [name for name, _ in targets])
+        except RuntimeError as error:
+            if input_size is None:
+                raise
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"input_size {tuple(input_size)} does not fit the model: its forward pass on one "
+                f"sample of that shape failed ({reason}). Pass the shape of one input sample "
+                "without the batch dimension."
+            ) from error
     if (require_fewer_macs or budget_unit == "macs") and not sizes:
         raise ValueError(
             "counting MACs needs the input size: pass input_size (one sample's shape, such as "
