@@ -27,7 +27,7 @@ def _clip_rank(rank, shape):
     """Clip ``rank`` to the largest CP rank a tensor of ``shape`` can have, with a warning.
 
     Every tensor is the sum of one rank-one term per index of all its modes but the largest,
-    so its CP rank is at most the product of those mode sizes; a larger rank only adds cost.
+    so its CP rank is at most the product of those mode sizes. A larger rank only adds cost.
     """
     limit = math.prod(shape) // max(shape)
     if rank > limit:

@@ -217,16 +217,16 @@ def _accumulate_conv2d(accumulator, module, inputs, max_patches_per_chunk):
         # The layer's own forward raises the error for an input smaller than the kernel.
         return
 
-    # The fast routes write the sums of a _MomentAccumulator; any other accumulator (such as the
-    # joint moments of sequential calibration) receives unfolded rows through its update().
+    # The fast routes write the sums of a _MomentAccumulator. Any other accumulator, such as the
+    # joint moments of sequential calibration, receives unfolded rows through its update().
     shifted = (
         isinstance(accumulator, _MomentAccumulator)
         and module.stride == (1, 1)
         and module.padding_mode == "zeros"
     )
     if shifted:
-        # Unfolding holds two float32 copies of the chunk's patches, K * C values each, where the
-        # shifted products hold about 2 * kernel_width copies of its pixels, C values each. So
+        # Unfolding keeps two float32 copies of the chunk's patches, K * C values each. The
+        # shifted products keep about 2 * kernel_width copies of its pixels, C values each, so
         # kernel_height times as many patches per chunk take about the same memory.
         max_patches_per_chunk *= kernel_height
     images_per_chunk, rows_per_chunk = _chunk_sizes(out_height, out_width, max_patches_per_chunk)
@@ -340,9 +340,9 @@ def _add_shifted_products(accumulator, channels_last, tap_offsets, output_rows, 
     The block of taps ``(t, u)`` of the second moment sums ``x[z] x[z + shift]^T`` over the
     input pixels ``z`` that tap ``t`` reads, with ``shift = offset(u) - offset(t)``. Zero
     padding only removes terms. Every tap pair with the same shift sums the same products over
-    rectangles that differ by a few boundary rows and columns, so each shift costs one product
+    rectangles that differ by a few boundary rows and columns. So each shift costs one product
     over the union of its rectangles, and each pair subtracts the products of its missing
-    strips. For a 3x3 kernel that is 13 products instead of the 45 tap pairs.
+    strips: for a 3x3 kernel, 13 products instead of one for each of the 45 tap pairs.
 
     ``channels_last`` holds the images as (H, N, W, C); ``output_rows`` is the band [first,
     stop) of output rows to add. The blocks are formed in the dtype of the images, as the
