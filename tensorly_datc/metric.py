@@ -27,10 +27,10 @@ import math
 import numbers
 
 import numpy as np
-import scipy.linalg
 import tensorly as tl
 
 from . import _backend as backend
+from ._solvers import potrf_lower
 
 __all__ = ["as_metric", "IdentityMetric", "DenseMetric", "DiagonalMetric", "KroneckerMetric"]
 
@@ -220,9 +220,7 @@ def _is_positive_definite(matrix):
         return int(info) == 0
 
     diagonal = np.diag(array).copy()
-    (potrf,) = scipy.linalg.lapack.get_lapack_funcs(("potrf",), (array,))
-    # The transpose is column-major, as LAPACK wants, and its upper triangle is the lower one.
-    _, info = potrf(array.T, lower=0, clean=0, overwrite_a=1)
+    _, info = potrf_lower(array, overwrite=True)
     _copy_upper_to_lower(array)
     array[np.diag_indices_from(array)] = diagonal
     return info == 0

@@ -119,7 +119,7 @@ def _scaled_to(tensor, factors):
 
 
 def _tensorly_start(tensor, rank, init, random_state):
-    """Return TensorLy's CP start; for a rank above a mode size it adds random columns.
+    """Return TensorLy's CP start, which has random columns for a rank above a mode size.
 
     TensorLy's SVD start scales the first factor's singular vectors by the singular values
     but draws the added columns in [0, 1), so their share of the start would depend on the

@@ -14,6 +14,7 @@ the input factor forms it for each search direction, and the basis of the soluti
 running combination (see :class:`_DenseProblem`).
 """
 
+import functools
 import weakref
 
 import numpy as np
@@ -74,8 +75,9 @@ class _DenseProblem:
         The metric, in its own (channel-major) order.
     metric32 : tensor of shape (D, D)
         The metric in tap-major order and float32, for the products of the search directions.
-    weighted_tensor : tensor of shape (I0 * K, I1)
-        ``W M`` in tap-major order, rows (i0, k).
+        Formed on first use, so direct solves never build it.
+    weighted_tensor, weighted_tensor32 : tensor of shape (I0 * K, I1)
+        ``W M`` in tap-major order, rows (i0, k), in float64 and (on first use) in float32.
     channel_inverse : tensor of shape (I1, I1)
         Pseudo-inverse of the mean diagonal tap block of ``M``, for the preconditioner.
     factor, basis, rotation, core : tensor or None
@@ -99,12 +101,9 @@ class _DenseProblem:
         self.n_inputs = n_inputs
         self.matrix = metric.matrix
 
-        blocks = tl.reshape(_to_float32(metric.matrix), (n_inputs, n_taps, n_inputs, n_taps))
-        self.metric32 = tl.reshape(tl.transpose(blocks, (1, 0, 3, 2)), (size, size))
         weighted = tl.reshape(metric.rmatmul(unfolded), (n_outputs, n_inputs, n_taps))
         weighted = tl.transpose(weighted, (0, 2, 1))
         self.weighted_tensor = tl.reshape(weighted, (n_outputs * n_taps, n_inputs))
-        self.weighted_tensor32 = _to_float32(self.weighted_tensor)
         tap_blocks = tl.reshape(metric.matrix, (n_inputs, n_taps, n_inputs, n_taps))
         self.channel_inverse = spd_pseudo_inverse(backend.einsum("akbk->ab", tap_blocks) / n_taps)
         self.factor = self.basis = self.rotation = self.core = None
@@ -112,6 +111,16 @@ class _DenseProblem:
         self.drift = 0.0
         self.precise = False
         self.iterative = False
+
+    @functools.cached_property
+    def metric32(self):
+        n_inputs, n_taps = self.n_inputs, self.n_taps
+        blocks = tl.reshape(_to_float32(self.matrix), (n_inputs, n_taps, n_inputs, n_taps))
+        return tl.reshape(tl.transpose(blocks, (1, 0, 3, 2)), (n_inputs * n_taps,) * 2)
+
+    @functools.cached_property
+    def weighted_tensor32(self):
+        return _to_float32(self.weighted_tensor)
 
     def exact_basis(self, factor):
         """Return ``M kron(I_K, factor)`` in tap-major order, (D, K * R1), in float64."""
@@ -294,14 +303,18 @@ def update_output_and_core(unfolded, metric, input_factor, output_rank, n_taps, 
 
     problem = _dense_problem(unfolded, metric, n_taps)
     if problem.factor is None:
-        # The same choice as update_input_factor makes
-        problem.iterative = not use_dense(solver, n_inputs * input_rank, 2 * output_rank * metric.size**2)
+        problem.iterative = _solved_iteratively(solver, metric, n_inputs, input_rank, output_rank)
     return _update_dense_output_and_core(problem, input_factor, output_rank)
+
+
+def _solved_iteratively(solver, metric, n_inputs, input_rank, output_rank):
+    """Return whether the input factor of a dense metric is solved by conjugate gradients."""
+    return not use_dense(solver, n_inputs * input_rank, 2 * output_rank * metric.size**2)
 
 
 def _update_dense_output_and_core(problem, input_factor, output_rank):
     """Run the joint update for a dense metric, in the coordinates of :class:`_DenseProblem`."""
-    n_taps, n_inputs = problem.n_taps, problem.n_inputs
+    n_taps = problem.n_taps
     input_rank = tl.shape(input_factor)[1]
     factor, basis, rotation = problem.joint_coordinates(input_factor)
 
@@ -340,7 +353,7 @@ def _normal_lower_blocks(factor, basis, n_taps, float64=True):
     """
     n_inputs, input_rank = tl.shape(factor)
     side = n_taps * input_rank
-    transposed = tl.transpose(factor if _same_dtype(factor, basis) else _to_float32(factor))
+    transposed = tl.transpose(factor if factor.dtype == basis.dtype else _to_float32(factor))
     blocks = tl.reshape(basis, (n_taps, n_inputs, side))
     if isinstance(factor, np.ndarray):
         normal = np.empty((side, side), dtype=np.float64 if float64 else basis.dtype)
@@ -351,10 +364,6 @@ def _normal_lower_blocks(factor, basis, n_taps, float64=True):
         rows = slice(k * input_rank, (k + 1) * input_rank)
         normal[rows, : rows.stop] = tl.dot(transposed, blocks[k][:, : rows.stop])
     return normal
-
-
-def _same_dtype(first, second):
-    return first.dtype == second.dtype
 
 
 def _input_rhs(unfolded, metric, output_factor, core3):
@@ -492,7 +501,7 @@ def update_input_factor(unfolded, metric, output_factor, core, input_factor, *, 
     if metric.kind == "diagonal":
         rhs = _input_rhs(unfolded, metric, output_factor, core3)
         return _solve_diagonal(metric, core3, rhs), 0
-    if use_dense(solver, n_inputs * input_rank, 2 * rank_out * metric.size**2):
+    if not _solved_iteratively(solver, metric, n_inputs, input_rank, rank_out):
         rhs = _input_rhs(unfolded, metric, output_factor, core3)
         system = _dense_input_system(metric, core3, n_inputs)
         solution = spd_solve(system, tl.reshape(rhs, (-1,)))

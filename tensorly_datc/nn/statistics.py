@@ -344,7 +344,7 @@ def _add_shifted_products(accumulator, channels_last, tap_offsets, output_rows, 
     over the union of its rectangles, and each pair subtracts the products of its missing
     strips: for a 3x3 kernel, 13 products instead of one for each of the 45 tap pairs.
 
-    ``channels_last`` holds the images as (H, N, W, C); ``output_rows`` is the band [first,
+    ``channels_last`` is the images as (H, N, W, C); ``output_rows`` is the band [first,
     stop) of output rows to add. The blocks are formed in the dtype of the images, as the
     products are, and added to the float64 sums.
     """
