@@ -469,19 +469,21 @@ SCALE_TOL = 1e-6
 ERROR_FLOOR = 1e-9
 
 
+def fit_tucker2_quietly(tensor, ranks, metric):
+    """Return ``weighted_tucker2``'s result for the scale tests, without its rank warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return weighted_tucker2(tl.tensor(tensor), ranks, to_backend(metric), n_iter_max=20,
+                                random_state=0)
+
+
 @settings(max_examples=20, **PROPERTY_SETTINGS)
 @given(problem=problems(), scale=SCALES)
 def test_tucker2_scaled_weight_scales_model(backend, problem, scale):
     tensor, ranks, _, _, metric, _ = problem
-    options = dict(n_iter_max=20, random_state=0)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        (core, factors), errors = weighted_tucker2(tl.tensor(tensor), ranks, to_backend(metric),
-                                                   **options)
-        (scaled_core, scaled_factors), scaled_errors = weighted_tucker2(
-            tl.tensor(scale * tensor), ranks, to_backend(metric), **options
-        )
+    (core, factors), errors = fit_tucker2_quietly(tensor, ranks, metric)
+    (scaled_core, scaled_factors), scaled_errors = fit_tucker2_quietly(scale * tensor, ranks, metric)
 
     reconstruction = tucker2_tensor(core, factors)
     assert relative_difference(tucker2_tensor(scaled_core, scaled_factors), scale * reconstruction) < SCALE_TOL
@@ -495,15 +497,11 @@ def test_tucker2_scaled_weight_scales_model(backend, problem, scale):
 @given(problem=problems(), scale=SCALES)
 def test_tucker2_scaled_metric_same_model(backend, problem, scale):
     tensor, ranks, _, _, metric, _ = problem
-    options = dict(n_iter_max=20, random_state=0)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        (core, factors), errors = weighted_tucker2(tl.tensor(tensor), ranks, to_backend(metric),
-                                                   **options)
-        (scaled_core, scaled_factors), scaled_errors = weighted_tucker2(
-            tl.tensor(tensor), ranks, to_backend(scale_metric(metric, scale)), **options
-        )
+    (core, factors), errors = fit_tucker2_quietly(tensor, ranks, metric)
+    (scaled_core, scaled_factors), scaled_errors = fit_tucker2_quietly(
+        tensor, ranks, scale_metric(metric, scale)
+    )
 
     reconstruction = tucker2_tensor(core, factors)
     assert relative_difference(tucker2_tensor(scaled_core, scaled_factors), reconstruction) < SCALE_TOL
