@@ -18,6 +18,8 @@ from tensorly.testing import assert_class_wrapper_correctly_passes_arguments
 
 from tensorly_datc import WeightedCP, weighted_parafac
 
+from helpers import to_numpy
+
 try:
     import torch
 except ImportError:  # the numpy tests run without torch
@@ -39,13 +41,6 @@ SAME_MINIMUM_TOL = 1e-6
 
 
 # Helpers
-
-
-def to_numpy(array):
-    """Return ``array`` (numpy or torch, any float dtype or device) as a float64 numpy array."""
-    if torch is not None and isinstance(array, torch.Tensor):
-        return array.detach().to(device="cpu", dtype=torch.float64).numpy()
-    return np.asarray(array, dtype=np.float64)
 
 
 def dense_metric(metric, mode_sizes):

@@ -13,6 +13,8 @@ from tensorly_datc.metric import (
     kronecker_approximation,
 )
 
+from helpers import to_numpy
+
 try:
     import torch
 except ImportError:  # the numpy tests run without torch
@@ -24,12 +26,6 @@ TOL = 1e-12
 
 MODE_SIZES = (4, 3, 2)
 SIZE = 24
-
-
-def _to_numpy(array):
-    if torch is not None and isinstance(array, torch.Tensor):
-        return array.detach().cpu().numpy()
-    return np.asarray(array)
 
 
 def _random_spd(size, rng):
@@ -82,7 +78,7 @@ def test_products_match_dense(backend, form):
     matrix = rng.standard_normal((7, SIZE))
 
     converted = as_metric(metric, tensor, metric_reg=0)
-    product = _to_numpy(converted.rmatmul(tl.tensor(matrix)))
+    product = to_numpy(converted.rmatmul(tl.tensor(matrix)))
     quadratic = float(converted.quadratic(tl.tensor(matrix)))
 
     np.testing.assert_allclose(product, matrix @ dense, rtol=TOL, atol=TOL)
@@ -175,14 +171,14 @@ def test_large_dense_metric_entries_kept(array_type):
     argument = _as_array_type(matrix, array_type)
     tensor = _as_array_type(rng.standard_normal((3, 1100)), array_type)
 
-    converted = _to_numpy(as_metric(argument, tensor, metric_reg=1e-3).matrix)
+    converted = to_numpy(as_metric(argument, tensor, metric_reg=1e-3).matrix)
 
     symmetric = (original + original.T) / 2
     off_diagonal = ~np.eye(1100, dtype=bool)
     np.testing.assert_array_equal(converted[off_diagonal], symmetric[off_diagonal])
     shift = 1e-3 * np.trace(original) / 1100
     np.testing.assert_allclose(np.diag(converted), np.diag(original) + shift, rtol=1e-15)
-    np.testing.assert_array_equal(_to_numpy(argument), original)
+    np.testing.assert_array_equal(to_numpy(argument), original)
 
 
 @pytest.mark.parametrize("array_type", ["numpy", "torch"])

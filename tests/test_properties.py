@@ -32,6 +32,8 @@ from tensorly_datc.nn import (  # noqa: E402
     tucker2_conv,
 )
 
+from helpers import to_numpy  # noqa: E402
+
 # The `backend` fixture only switches TensorLy's global backend and restores it, so the tests
 # that take it may reuse it across the examples of one test.
 PROPERTY_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -60,13 +62,6 @@ def single_thread():
 
 
 # Helpers
-
-
-def to_numpy(array):
-    """Return ``array`` (numpy or torch, any dtype) as a float64 numpy array."""
-    if isinstance(array, torch.Tensor):
-        return array.detach().cpu().to(torch.float64).numpy()
-    return np.asarray(array, dtype=np.float64)
 
 
 def to_backend(value):

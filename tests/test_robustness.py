@@ -56,6 +56,8 @@ from tensorly_datc.nn import (  # noqa: E402
     tucker2_conv,
 )
 
+from helpers import to_numpy  # noqa: E402
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 # Exceptions a caller can act on. Anything else from a bad input is a failure of the check.
@@ -75,12 +77,6 @@ def single_thread():
 
 
 # Helpers
-
-
-def to_numpy(array):
-    if isinstance(array, torch.Tensor):
-        return array.detach().cpu().to(torch.float64).numpy()
-    return np.asarray(array, dtype=np.float64)
 
 
 def random_spd(size, rng, n_samples=None):

@@ -18,6 +18,8 @@ from threadpoolctl import threadpool_limits
 
 from tensorly_datc import WeightedTucker2, weighted_tucker2
 
+from helpers import to_numpy
+
 try:
     import torch
     import torch.nn.functional as F
@@ -63,18 +65,11 @@ def single_thread():
 # ---------------------------------------------------------------------------------------------
 
 
-def _to_numpy(array):
-    """Return ``array`` (numpy or torch, any device and dtype) as a float64 numpy array."""
-    if torch is not None and isinstance(array, torch.Tensor):
-        return array.detach().cpu().to(torch.float64).numpy()
-    return np.asarray(array, dtype=np.float64)
-
-
 def _reconstruct(core, factors):
     """Return ``core x_0 factors[0] x_1 factors[1]`` as a float64 numpy array."""
     with tl.backend_context("numpy"):
         return tl.tenalg.multi_mode_dot(
-            _to_numpy(core), [_to_numpy(f) for f in factors], modes=[0, 1]
+            to_numpy(core), [to_numpy(f) for f in factors], modes=[0, 1]
         )
 
 
@@ -86,16 +81,16 @@ def _dense_metric(metric, mode_sizes):
     if isinstance(metric, (list, tuple)):
         dense = np.ones((1, 1))
         for factor, mode_size in zip(metric, mode_sizes):
-            factor = np.eye(mode_size) if factor is None else _to_numpy(factor)
+            factor = np.eye(mode_size) if factor is None else to_numpy(factor)
             dense = np.kron(dense, factor)
         return dense
-    metric = _to_numpy(metric)
+    metric = to_numpy(metric)
     return np.diag(metric) if metric.ndim == 1 else metric
 
 
 def _metric_error(tensor, core, factors, metric=None):
     """Return the relative metric error ``||(X - X~)_(0) L||_F / ||X_(0) L||_F`` (``L L^T = M``)."""
-    tensor = _to_numpy(tensor)
+    tensor = to_numpy(tensor)
     shape = tensor.shape
     dense = _dense_metric(metric, shape[1:])
     residual = (tensor - _reconstruct(core, factors)).reshape(shape[0], -1)
@@ -133,7 +128,7 @@ def _exact_tucker2(shape, ranks, rng):
 
 def _truncated_hosvd(tensor, ranks):
     """Return the truncated HOSVD of modes 0 and 1: leading singular vectors and projected core."""
-    tensor = _to_numpy(tensor)
+    tensor = to_numpy(tensor)
     factors = []
     for mode, rank in enumerate(ranks):
         unfolded = np.moveaxis(tensor, mode, 0).reshape(tensor.shape[mode], -1)
@@ -149,7 +144,7 @@ def _symmetric_sqrt(matrix):
 
 
 def _pack(core, factors):
-    return np.concatenate([_to_numpy(core).ravel()] + [_to_numpy(f).ravel() for f in factors])
+    return np.concatenate([to_numpy(core).ravel()] + [to_numpy(f).ravel() for f in factors])
 
 
 def _unpack(params, shape, ranks):
@@ -198,7 +193,7 @@ def _lbfgs(start, unfolded, metric, shape, ranks, max_iter):
 
 
 def _objective(tensor, core, factors, metric):
-    unfolded = _to_numpy(tensor).reshape(tl.shape(tensor)[0], -1)
+    unfolded = to_numpy(tensor).reshape(tl.shape(tensor)[0], -1)
     residual = unfolded - _reconstruct(core, factors).reshape(unfolded.shape)
     return float(np.sum(residual * (residual @ metric)))
 
@@ -415,9 +410,9 @@ def test_random_init_same_seed_same_result(backend, metric_kind):
     (core, factors), rec_errors = first
     (core_again, factors_again), rec_errors_again = second
     assert rec_errors == rec_errors_again
-    np.testing.assert_array_equal(_to_numpy(core), _to_numpy(core_again))
+    np.testing.assert_array_equal(to_numpy(core), to_numpy(core_again))
     for factor, factor_again in zip(factors, factors_again):
-        np.testing.assert_array_equal(_to_numpy(factor), _to_numpy(factor_again))
+        np.testing.assert_array_equal(to_numpy(factor), to_numpy(factor_again))
 
 
 def test_random_init_reaches_exact_model():
@@ -556,7 +551,7 @@ def test_factors_orthonormal(backend, metric_kind):
     (_, factors), _ = weighted_tucker2(tensor, (4, 3), metric)
 
     for factor in factors:
-        factor = _to_numpy(factor)
+        factor = to_numpy(factor)
         np.testing.assert_allclose(factor.T @ factor, np.eye(factor.shape[1]), atol=1e-12)
 
 
@@ -639,20 +634,20 @@ def test_inputs_not_modified(backend, metric_kind):
     metric = _random_metric(metric_kind, (6, 3, 3), rng)
     if metric_kind == "kronecker":
         metric = [tl.tensor(factor) for factor in metric]
-        metric_copy = [_to_numpy(factor).copy() for factor in metric]
+        metric_copy = [to_numpy(factor).copy() for factor in metric]
     else:
         metric = tl.tensor(metric)
-        metric_copy = _to_numpy(metric).copy()
-    tensor_copy = _to_numpy(tensor).copy()
+        metric_copy = to_numpy(metric).copy()
+    tensor_copy = to_numpy(tensor).copy()
 
     weighted_tucker2(tensor, (3, 2), metric, init="whitened")
 
-    np.testing.assert_array_equal(_to_numpy(tensor), tensor_copy)
+    np.testing.assert_array_equal(to_numpy(tensor), tensor_copy)
     if metric_kind == "kronecker":
         for factor, factor_copy in zip(metric, metric_copy):
-            np.testing.assert_array_equal(_to_numpy(factor), factor_copy)
+            np.testing.assert_array_equal(to_numpy(factor), factor_copy)
     else:
-        np.testing.assert_array_equal(_to_numpy(metric), metric_copy)
+        np.testing.assert_array_equal(to_numpy(metric), metric_copy)
 
 
 @pytest.mark.parametrize("metric_kind", ["dense", "diagonal"])
@@ -768,7 +763,7 @@ def test_rank_above_multilinear_limit(metric_kind, shape, ranks):
     assert tuple(tl.shape(core))[:2] == used
     if used != ranks:
         assert any("requested" in str(warning.message) for warning in caught), used
-    assert np.all(np.isfinite(_to_numpy(core)))
+    assert np.all(np.isfinite(to_numpy(core)))
 
 
 def _bad_argument_cases():
