@@ -17,6 +17,7 @@ from tensorly_datc.nn import (  # noqa: E402
     load_statistics,
     save_statistics,
 )
+from tensorly_datc.nn import statistics as statistics_module  # noqa: E402
 
 # Every quantity is float64 and the sums run over a few hundred patches, so only
 # rounding (about 1e-16 relative per operation) separates the two computations.
@@ -107,7 +108,20 @@ CONV_CASES = [
     # Zero padding wider than the kernel: some taps read only padding on the border rows.
     dict(kernel_size=3, padding=3),
     dict(kernel_size=(1, 3), padding=(2, 0), dilation=(1, 2)),
+    # Strides that split the input into phase images of different sizes
+    dict(kernel_size=(3, 4), stride=(2, 3), padding=(2, 1), dilation=(1, 2)),
+    dict(kernel_size=5, stride=3, padding=2),
+    dict(kernel_size=1, stride=2),
 ]
+
+
+@pytest.fixture(params=["unfolded", "shifted"])
+def conv_route(request, monkeypatch):
+    """Run the test once with every convolution unfolding its patches and once with every
+    zero-padded one forming them from shifted pixels, whatever its number of channels."""
+    threshold = 10**9 if request.param == "unfolded" else 1
+    monkeypatch.setattr(statistics_module, "_MIN_SHIFTED_CHANNELS", threshold)
+    return request.param
 
 
 # torch warns that an even kernel with padding="same" makes it copy the input.
@@ -116,7 +130,7 @@ SAME_PADDING_WARNING = "ignore:Using padding='same' with even kernel:UserWarning
 
 @pytest.mark.filterwarnings(SAME_PADDING_WARNING)
 @pytest.mark.parametrize("options", CONV_CASES, ids=str)
-def test_conv_matches_brute_force(options):
+def test_conv_matches_brute_force(options, conv_route):
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 3, **options).double()
     inputs = torch.randn(3, 2, 7, 6, dtype=torch.float64)
@@ -129,7 +143,7 @@ def test_conv_matches_brute_force(options):
 
 @pytest.mark.filterwarnings(SAME_PADDING_WARNING)
 @pytest.mark.parametrize("options", CONV_CASES, ids=str)
-def test_conv_metric_predicts_output_moments(options):
+def test_conv_metric_predicts_output_moments(options, conv_route):
     # With zero bias, E[y y^T] over output positions is W_mat Sigma W_mat^T exactly, so
     # this checks the patch order and the padding against the layer's own forward.
     torch.manual_seed(1)
@@ -236,7 +250,7 @@ def test_data_forms_agree():
 
 
 @pytest.mark.parametrize("max_patches_per_chunk", [1, 5, 40, 100_000])
-def test_chunking_keeps_result(max_patches_per_chunk):
+def test_chunking_keeps_result(max_patches_per_chunk, conv_route):
     # 1 and 5 split single images into bands of output rows, 40 groups whole images.
     model = _small_cnn().double()
     inputs = torch.randn(5, 3, 6, 6, dtype=torch.float64)
@@ -250,9 +264,10 @@ def test_chunking_keeps_result(max_patches_per_chunk):
 
 
 @pytest.mark.parametrize("max_patches_per_chunk", [1, 7, 100_000])
-@pytest.mark.parametrize("options", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2), padding=(2, 1), dilation=2)],
+@pytest.mark.parametrize("options", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2), padding=(2, 1), dilation=2),
+                                     dict(kernel_size=3, stride=2, padding=1)],
                          ids=str)
-def test_banded_conv_matches_brute_force(options, max_patches_per_chunk):
+def test_banded_conv_matches_brute_force(options, max_patches_per_chunk, conv_route):
     # Bands of a few output rows leave some taps of a band reading padding only.
     torch.manual_seed(2)
     conv = nn.Conv2d(3, 2, **options).double()
@@ -265,7 +280,23 @@ def test_banded_conv_matches_brute_force(options, max_patches_per_chunk):
     _assert_matches_rows(statistics, _reference_conv_patches(conv, inputs))
 
 
-def test_float32_conv_statistics_match_float64_reference():
+@pytest.mark.parametrize("stride", [1, 2])
+def test_wide_zero_padded_conv_never_unfolds(stride, monkeypatch):
+    # With the default threshold, a 16-channel zero-padded convolution takes the shifted route.
+    def fail_on_unfold(*args):
+        raise AssertionError("the patches were unfolded")
+
+    monkeypatch.setattr(statistics_module, "_add_unfolded_patches", fail_on_unfold)
+    torch.manual_seed(7)
+    conv = nn.Conv2d(16, 2, kernel_size=3, stride=stride, padding=1).double()
+    inputs = torch.randn(2, 16, 7, 6, dtype=torch.float64)
+
+    statistics = collect_input_statistics(conv, inputs, progress=False)[""]
+
+    _assert_matches_rows(statistics, _reference_conv_patches(conv, inputs))
+
+
+def test_float32_conv_statistics_match_float64_reference(conv_route):
     torch.manual_seed(3)
     conv = nn.Conv2d(4, 2, kernel_size=3, padding=1)
     inputs = torch.randn(2, 4, 6, 6)
@@ -290,7 +321,7 @@ class _ClobbersItsInput(nn.Module):
         return outputs
 
 
-def test_held_back_inputs_survive_in_place_changes():
+def test_held_back_inputs_survive_in_place_changes(conv_route):
     # Batches of 2 images of 4x4 pixels fill no chunk, so their inputs are held back while
     # the model zeroes them.
     torch.manual_seed(4)
@@ -302,7 +333,7 @@ def test_held_back_inputs_survive_in_place_changes():
     _assert_matches_rows(statistics["conv"], _reference_conv_patches(model.conv, inputs))
 
 
-def test_batches_of_different_sizes_match_brute_force():
+def test_batches_of_different_sizes_match_brute_force(conv_route):
     torch.manual_seed(5)
     conv = nn.Conv2d(2, 3, kernel_size=3, padding=1).double()
     batches = [torch.randn(2, 2, 5, 5, dtype=torch.float64), torch.randn(1, 2, 5, 7, dtype=torch.float64),
