@@ -280,6 +280,21 @@ def test_banded_conv_matches_brute_force(options, max_patches_per_chunk, conv_ro
     _assert_matches_rows(statistics, _reference_conv_patches(conv, inputs))
 
 
+@pytest.mark.parametrize("max_held_bytes", [0, 2**30], ids=["added each chunk", "held"])
+def test_many_chunks_match_brute_force(max_held_bytes, monkeypatch):
+    # One output row per chunk and a flush every 3 chunks: the tap blocks of a layer are held
+    # back, added, and held again, or added chunk by chunk when they may not be held.
+    monkeypatch.setattr(statistics_module, "_TAP_BLOCK_CHUNKS", 3)
+    monkeypatch.setattr(statistics_module, "_MAX_HELD_BYTES", max_held_bytes)
+    torch.manual_seed(8)
+    conv = nn.Conv2d(16, 2, kernel_size=3, padding=1).double()
+    inputs = torch.randn(2, 16, 8, 5, dtype=torch.float64)
+
+    statistics = collect_input_statistics(conv, inputs, progress=False, max_patches_per_chunk=1)[""]
+
+    _assert_matches_rows(statistics, _reference_conv_patches(conv, inputs))
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_wide_zero_padded_conv_never_unfolds(stride, monkeypatch):
     # With the default threshold, a 16-channel zero-padded convolution takes the shifted route.

@@ -448,7 +448,9 @@ class _TapBlocks:
     one image per chunk, torch 2.14 on a CPU). The blocks of
     consecutive chunks are summed here instead, in about half the memory of the sums, and
     added to them every ``_TAP_BLOCK_CHUNKS`` chunks and when the statistics are read. A
-    single chunk's blocks are added as they are.
+    single chunk's blocks are added as they are, and so are those of a layer whose held sums
+    would take more than ``_MAX_HELD_BYTES``: its chunks are large enough that one pass over
+    the sums per chunk costs little beside their products.
     """
 
     def __init__(self, n_taps):
@@ -460,6 +462,9 @@ class _TapBlocks:
 
     def add(self, accumulator, blocks):
         """Add a chunk's ``{(t, u): block}`` (missing pairs are zero) to the held sums."""
+        n_channels = next(iter(blocks.values())).shape[-1]
+        if self.n_chunks == 1 and len(self.pairs) * n_channels**2 * 8 > _MAX_HELD_BYTES:
+            self.flush(accumulator)
         if self.n_chunks == 0:
             self.first = blocks
         else:
@@ -494,8 +499,10 @@ class _TapBlocks:
         self.n_chunks = 0
 
 
-# Chunks whose tap blocks are summed before they are added to the second moment
+# Chunks whose tap blocks are summed before they are added to the second moment, and the
+# largest float64 sums of tap blocks held per layer (a 3x3 kernel over 256 channels takes 24 MB)
 _TAP_BLOCK_CHUNKS = 16
+_MAX_HELD_BYTES = 32 * 2**20
 
 
 def _add_tap_blocks(accumulator, blocks, n_taps, like):
