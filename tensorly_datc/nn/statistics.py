@@ -448,9 +448,9 @@ class _TapBlocks:
     one image per chunk, torch 2.14 on a CPU). The blocks of
     consecutive chunks are summed here instead, in about half the memory of the sums, and
     added to them every ``_TAP_BLOCK_CHUNKS`` chunks and when the statistics are read. A
-    single chunk's blocks are added as they are, and so are those of a layer whose held sums
-    would take more than ``_MAX_HELD_BYTES``: its chunks are large enough that one pass over
-    the sums per chunk costs little beside their products.
+    single chunk's blocks are added as they are. So are the blocks of a layer whose held sums
+    would take more than ``_MAX_HELD_BYTES``, because its chunks are large enough that one
+    pass over the sums per chunk costs little beside their products.
     """
 
     def __init__(self, n_taps):
