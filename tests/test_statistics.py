@@ -505,8 +505,16 @@ def test_load_rejects_other_safetensors(tmp_path):
 
 
 def test_unknown_layer_name():
-    with pytest.raises(ValueError, match=r"not found in the model: \['conv9'\]"):
+    with pytest.raises(ValueError, match=r"not found in the model: \['conv9'\]; its Conv2d and Linear "
+                                         r"layers are '0', '2', '4'$"):
         collect_input_statistics(_small_cnn(), torch.randn(2, 3, 6, 6), layers=["0", "conv9"])
+
+
+def test_unknown_layer_name_lists_ten_layers():
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(12)])
+
+    with pytest.raises(ValueError, match=r"layers are '0', '1', .*, '9' and 2 more$"):
+        collect_input_statistics(model, torch.randn(2, 2), layers=["x"])
 
 
 def test_layer_of_unsupported_type():
@@ -529,8 +537,19 @@ def test_grouped_conv_skipped(caplog):
         statistics = collect_input_statistics(model, torch.randn(2, 4, 5, 5), progress=False)
 
     assert list(statistics) == ["1"]
-    messages = [record.getMessage() for record in caplog.records]
-    assert "Skipping layer 0: grouped convolution (groups=2)" in messages
+    records = [(record.levelno, record.getMessage()) for record in caplog.records]
+    assert (logging.INFO, "Skipping layer 0: grouped convolution (groups=2)") in records
+
+
+def test_named_grouped_conv_skipped_with_warning(caplog):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 2, 1))
+
+    with caplog.at_level(logging.WARNING, logger="tensorly_datc.nn.statistics"):
+        statistics = collect_input_statistics(model, torch.randn(2, 4, 5, 5), layers=["0"], progress=False)
+
+    assert statistics == {}
+    records = [(record.levelno, record.getMessage()) for record in caplog.records]
+    assert (logging.WARNING, "Skipping layer 0: grouped convolution (groups=2)") in records
 
 
 def test_layer_never_run_left_out(caplog):

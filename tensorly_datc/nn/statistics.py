@@ -656,7 +656,13 @@ def _select_layers(model, layers):
         names = [layers] if isinstance(layers, str) else check_names(layers, "layers")
         unknown = [name for name in names if name not in modules]
         if unknown:
-            raise ValueError(f"layers not found in the model: {unknown}")
+            collectable = [name for name, module in modules.items() if _accumulation_function(module)]
+            listed = ", ".join(repr(name) for name in collectable[:10])
+            more = f" and {len(collectable) - 10} more" if len(collectable) > 10 else ""
+            raise ValueError(
+                f"layers not found in the model: {unknown}; its Conv2d and Linear layers are "
+                f"{listed}{more}"
+            )
         unsupported = [
             f"{name} ({type(modules[name]).__name__})"
             for name in names
@@ -670,10 +676,12 @@ def _select_layers(model, layers):
 
     # A grouped convolution has one weight matrix, and so one metric, per group.
     # NOTE: per-group statistics are not collected, so these layers are skipped.
+    # A layer the caller named gets a warning, one found by the default selection a log line.
+    level = logging.INFO if layers is None else logging.WARNING
     selected = {}
     for name, module in candidates.items():
         if isinstance(module, torch.nn.Conv2d) and module.groups > 1:
-            logger.info("Skipping layer %s: grouped convolution (groups=%d)", name, module.groups)
+            logger.log(level, "Skipping layer %s: grouped convolution (groups=%d)", name, module.groups)
         else:
             selected[name] = module
     return selected
@@ -836,9 +844,11 @@ def collect_input_statistics(
 
     Notes
     -----
-    Grouped convolutions (``groups > 1``) are not collected; a log line names each one.
-    Layers that never run during the pass (on any process, when the statistics are combined)
-    are left out of the result, with a warning.
+    Grouped convolutions (``groups > 1``) are not collected. The logger
+    ``tensorly_datc.nn.statistics`` names each one, at level WARNING when it was named in
+    ``layers`` and INFO otherwise. Layers that never run during the pass (on any process, when
+    the statistics are combined) are left out of the result, with a WARNING from the same
+    logger (a log record, not a Python warning).
 
     Examples
     --------
