@@ -295,6 +295,17 @@ def test_many_chunks_match_brute_force(max_held_bytes, monkeypatch):
     _assert_matches_rows(statistics, _reference_conv_patches(conv, inputs))
 
 
+def test_patches_of_padding_only():
+    # A 1x1 kernel with stride 2 on a 1x1 image reads only the zero padding around the pixel,
+    # so the shifted products of every chunk are empty.
+    conv = nn.Conv2d(16, 2, kernel_size=1, stride=2, padding=1).double()
+    inputs = torch.randn(3, 16, 1, 1, dtype=torch.float64)
+
+    statistics = collect_input_statistics(conv, inputs, progress=False)[""]
+
+    _assert_matches_rows(statistics, _reference_conv_patches(conv, inputs))
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_wide_zero_padded_conv_never_unfolds(stride, monkeypatch):
     # With the default threshold, a 16-channel zero-padded convolution takes the shifted route.

@@ -13,6 +13,7 @@ import itertools
 import json
 from collections.abc import Mapping
 import logging
+import math
 import operator
 import os
 from pathlib import Path
@@ -445,12 +446,12 @@ class _TapBlocks:
 
     Adding the blocks of a chunk to the ``D x D`` sums reads and writes the whole matrix. For
     a layer of many small chunks that took a quarter of the time (128 channels on 28x28 maps,
-    one image per chunk, torch 2.14 on a CPU). The blocks of
-    consecutive chunks are summed here instead, in about half the memory of the sums, and
-    added to them every ``_TAP_BLOCK_CHUNKS`` chunks and when the statistics are read. A
-    single chunk's blocks are added as they are. So are the blocks of a layer whose held sums
-    would take more than ``_MAX_HELD_BYTES``, because its chunks are large enough that one
-    pass over the sums per chunk costs little beside their products.
+    one image per chunk, torch 2.14 on a CPU). The blocks of consecutive chunks are summed
+    here instead, in about half the memory of the sums, and added to them every
+    ``_TAP_BLOCK_CHUNKS`` chunks and when the statistics are read. A single chunk's blocks are
+    added as they are. So are the blocks of a layer whose held sums would take more than
+    ``_MAX_HELD_BYTES``, because its chunks are large enough that one pass over the sums per
+    chunk costs little beside their products.
     """
 
     def __init__(self, n_taps):
@@ -462,15 +463,14 @@ class _TapBlocks:
 
     def add(self, accumulator, blocks):
         """Add a chunk's ``{(t, u): block}`` (missing pairs are zero) to the held sums."""
-        n_channels = next(iter(blocks.values())).shape[-1]
-        if self.n_chunks == 1 and len(self.pairs) * n_channels**2 * 8 > _MAX_HELD_BYTES:
+        like = next(iter(blocks.values()))
+        shape = (len(self.pairs),) + tuple(like.shape)
+        if self.n_chunks == 1 and math.prod(shape) * 8 > _MAX_HELD_BYTES:
             self.flush(accumulator)
         if self.n_chunks == 0:
             self.first = blocks
         else:
             if self.sums is None:
-                like = next(iter(blocks.values()))
-                shape = (len(self.pairs),) + tuple(like.shape)
                 self.sums = like.new_zeros(shape, dtype=torch.float64)
             if self.first is not None:
                 self._add_to_sums(self.first)
@@ -517,8 +517,7 @@ def _add_tap_blocks(accumulator, blocks, n_taps, like):
     size = n_channels * n_taps
     if accumulator.sum_outer is None and len(blocks) == n_taps * (n_taps + 1) // 2:
         accumulator.sum_outer = like.new_empty((size, size), dtype=torch.float64)
-        if accumulator.sum is None:
-            accumulator.sum = like.new_zeros(size, dtype=torch.float64)
+        _prepare_sums(accumulator, size, like)
         assign = True
     else:
         _prepare_sums(accumulator, size, like)
@@ -676,7 +675,7 @@ def _select_layers(model, layers):
 
     # A grouped convolution has one weight matrix, and so one metric, per group.
     # NOTE: per-group statistics are not collected, so these layers are skipped.
-    # A layer the caller named gets a warning, one found by the default selection a log line.
+    # The skip is logged as a warning for a layer the caller named, as information otherwise.
     level = logging.INFO if layers is None else logging.WARNING
     selected = {}
     for name, module in candidates.items():
