@@ -1,6 +1,7 @@
 """Tests of the input statistics collected for the metric of each layer."""
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -115,12 +116,15 @@ CONV_CASES = [
 ]
 
 
-@pytest.fixture(params=["unfolded", "shifted"])
+@pytest.fixture(params=["unfolded", "shifted", "spectral"])
 def conv_route(request, monkeypatch):
-    """Run the test once with every convolution unfolding its patches and once with every
-    zero-padded one forming them from shifted pixels, whatever its number of channels."""
+    """Run the test with every convolution unfolding its patches, then with every zero-padded
+    one forming them from shifted pixels whatever its number of channels, by direct products
+    and then, for stride 1 wherever a chunk holds whole images, by Fourier transforms."""
     threshold = 10**9 if request.param == "unfolded" else 1
     monkeypatch.setattr(statistics_module, "_MIN_SHIFTED_CHANNELS", threshold)
+    saving = 0 if request.param == "spectral" else math.inf
+    monkeypatch.setattr(statistics_module, "_MIN_SPECTRAL_SAVING", saving)
     return request.param
 
 
