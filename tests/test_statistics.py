@@ -18,7 +18,8 @@ from tensorly_datc.nn import (  # noqa: E402
     load_statistics,
     save_statistics,
 )
-from tensorly_datc.nn import statistics as statistics_module  # noqa: E402
+from tensorly_datc.nn import _conv_moments as conv_moments  # noqa: E402
+from tensorly_datc.nn import _shifted_products as shifted_products  # noqa: E402
 
 # Every quantity is float64 and the sums run over a few hundred patches, so only
 # rounding (about 1e-16 relative per operation) separates the two computations.
@@ -119,12 +120,12 @@ CONV_CASES = [
 @pytest.fixture(params=["unfolded", "shifted", "spectral"])
 def conv_route(request, monkeypatch):
     """Run the test with every convolution unfolding its patches, then with every zero-padded
-    one forming them from shifted pixels whatever its number of channels, by direct products
-    and then, for stride 1 wherever a chunk holds whole images, by Fourier transforms."""
+    one forming them from shifted pixels whatever its number of channels: by direct products,
+    and then by Fourier transforms for stride 1 wherever a chunk takes whole images."""
     threshold = 10**9 if request.param == "unfolded" else 1
-    monkeypatch.setattr(statistics_module, "_MIN_SHIFTED_CHANNELS", threshold)
+    monkeypatch.setattr(conv_moments, "_MIN_SHIFTED_CHANNELS", threshold)
     saving = 0 if request.param == "spectral" else math.inf
-    monkeypatch.setattr(statistics_module, "_MIN_SPECTRAL_SAVING", saving)
+    monkeypatch.setattr(conv_moments, "_MIN_SPECTRAL_SAVING", saving)
     return request.param
 
 
@@ -288,8 +289,8 @@ def test_banded_conv_matches_brute_force(options, max_patches_per_chunk, conv_ro
 def test_many_chunks_match_brute_force(max_held_bytes, monkeypatch):
     # One output row per chunk and a flush every 3 chunks: the tap blocks of a layer are held
     # back, added, and held again, or added chunk by chunk when they may not be held.
-    monkeypatch.setattr(statistics_module, "_TAP_BLOCK_CHUNKS", 3)
-    monkeypatch.setattr(statistics_module, "_MAX_HELD_BYTES", max_held_bytes)
+    monkeypatch.setattr(shifted_products, "_TAP_BLOCK_CHUNKS", 3)
+    monkeypatch.setattr(shifted_products, "_MAX_HELD_BYTES", max_held_bytes)
     torch.manual_seed(8)
     conv = nn.Conv2d(16, 2, kernel_size=3, padding=1).double()
     inputs = torch.randn(2, 16, 8, 5, dtype=torch.float64)
@@ -316,7 +317,7 @@ def test_wide_zero_padded_conv_never_unfolds(stride, monkeypatch):
     def fail_on_unfold(*args):
         raise AssertionError("the patches were unfolded")
 
-    monkeypatch.setattr(statistics_module, "_add_unfolded_patches", fail_on_unfold)
+    monkeypatch.setattr(conv_moments, "_add_unfolded_patches", fail_on_unfold)
     torch.manual_seed(7)
     conv = nn.Conv2d(16, 2, kernel_size=3, stride=stride, padding=1).double()
     inputs = torch.randn(2, 16, 7, 6, dtype=torch.float64)
