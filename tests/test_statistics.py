@@ -672,3 +672,66 @@ def test_collection_on_device(device):
     # float32 convolutions on a GPU may round differently from the CPU ones.
     moved = {name: stats.to("cpu") for name, stats in result.items()}
     _assert_same_statistics(moved, expected, tol=1e-5)
+
+
+def test_empty_batch_left_out(conv_route, caplog):
+    # A batch of no images adds nothing, on every route.
+    conv = nn.Conv2d(16, 2, kernel_size=3, padding=1)
+
+    with caplog.at_level(logging.WARNING, logger="tensorly_datc.nn.statistics"):
+        statistics = collect_input_statistics(conv, torch.randn(0, 16, 8, 8), progress=False)
+
+    assert statistics == {}
+    assert "received no input" in caplog.text
+
+
+def test_empty_batch_among_others(conv_route):
+    torch.manual_seed(9)
+    conv = nn.Conv2d(16, 2, kernel_size=3, padding=1).double()
+    inputs = torch.randn(3, 16, 6, 5, dtype=torch.float64)
+
+    statistics = collect_input_statistics(
+        conv, [inputs, inputs[:0]], progress=False, max_patches_per_chunk=64
+    )[""]
+
+    _assert_matches_rows(statistics, _reference_conv_patches(conv, inputs))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(kernel_size=7), dict(kernel_size=7, dilation=3, padding=(1, 2))],
+    ids=["valid 7x7", "dilated 7x7"],
+)
+def test_float32_accuracy_with_small_outputs(options, conv_route):
+    # The output covers a small part of the input, so most of each pixel pair's product lies
+    # outside every tap's rectangle. A plain float32 product of the unfolded patches errs by
+    # about 3e-7 of the largest diagonal entry here.
+    torch.manual_seed(10)
+    conv = nn.Conv2d(16, 2, **options)
+    inputs = torch.randn(64, 16, 20, 20) + 10
+
+    statistics = collect_input_statistics(conv, inputs, progress=False)[""]
+
+    rows = _reference_conv_patches(conv, inputs)
+    expected = rows.T @ rows / rows.shape[0]
+    error = (statistics.second_moment - expected).abs().max()
+    assert error <= 3e-6 * expected.diagonal().max()
+
+
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_overflow_names_layer(layer):
+    # Float32 products of entries of 1e20 exceed the float32 range.
+    model = nn.Conv2d(16, 2, kernel_size=3, padding=1) if layer == "conv" else nn.Linear(16, 2)
+    inputs = torch.full((2, 16, 6, 6), 1e20) if layer == "conv" else torch.full((4, 16), 1e20)
+
+    with pytest.raises(ValueError, match="moments of layer '' overflowed"):
+        collect_input_statistics(model, inputs, progress=False)
+
+
+def test_data_and_progress_types_checked():
+    conv = nn.Conv2d(3, 2, kernel_size=3)
+
+    with pytest.raises(TypeError, match="data must be a tensor.*got int"):
+        collect_input_statistics(conv, 5, progress=False)
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        collect_input_statistics(conv, torch.randn(2, 3, 5, 5), progress="yes")

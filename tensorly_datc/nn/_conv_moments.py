@@ -72,7 +72,7 @@ def _accumulate_conv2d(accumulator, module, inputs, max_patches_per_chunk):
     block_bytes = 8 * max_patches_per_chunk * module.in_channels * kernel_height * kernel_width
     spectral_images = 0
     if shifted and module.stride == (1, 1):
-        spectral_images = _spectral_images_per_chunk(inputs, tap_offsets, block_bytes)
+        spectral_images = _spectral_images_per_chunk(inputs, tap_offsets, block_bytes, out_height * out_width)
     if spectral_images:
         images_per_chunk, rows_per_chunk = spectral_images, out_height
     else:
@@ -123,25 +123,30 @@ _MIN_SPECTRAL_SAVING = 2
 _MAX_SPECTRAL_BLOCK_BYTES = 16 * 2**20
 
 
-def _spectral_images_per_chunk(inputs, tap_offsets, block_bytes):
+def _spectral_images_per_chunk(inputs, tap_offsets, block_bytes, n_outputs):
     """Return how many whole images of ``inputs`` one chunk of Fourier-transformed products
-    takes for a stride-1 kernel with ``tap_offsets``, or 0 to form the products directly.
+    takes for a stride-1 kernel with ``tap_offsets`` and ``n_outputs`` output pixels per image,
+    or 0 to form the products directly.
 
-    Direct products are kept when they are not ``_MIN_SPECTRAL_SAVING`` times costlier, or
-    when the spectra of one image take more than ``block_bytes``. Chunks are about equal.
+    Direct products are kept when they are not ``_MIN_SPECTRAL_SAVING`` times costlier, when
+    the output has fewer than half as many pixels as the input (the transforms sum every pixel
+    pair, and border strips would remove most of each sum again), or when the spectra of one
+    image take more than ``block_bytes``. Chunks are about equal.
     """
-    height, width = inputs.shape[2], inputs.shape[3]
+    n_images, n_channels, height, width = inputs.shape
     shifts = _tap_shifts(tap_offsets)
     if direct_cost(height, width, shifts) < _MIN_SPECTRAL_SAVING * spectral_cost(height, width, shifts):
         return 0
+    if 2 * n_outputs < height * width:
+        return 0
     # A complex spectrum per channel, kept for every image of the chunk
     real_bytes = 8 if inputs.dtype == torch.float64 else 4
-    bytes_per_image = 2 * real_bytes * inputs.shape[1] * spectrum_size(*fourier_shape(height, width, shifts))
+    bytes_per_image = 2 * real_bytes * n_channels * spectrum_size(*fourier_shape(height, width, shifts))
     max_images = block_bytes // bytes_per_image
-    if max_images == 0:
-        return 0
-    n_chunks = -(-inputs.shape[0] // max_images)
-    return -(-inputs.shape[0] // n_chunks)
+    if max_images == 0 or n_images <= max_images:
+        return max_images
+    n_chunks = -(-n_images // max_images)
+    return -(-n_images // n_chunks)
 
 
 def _tap_shifts(tap_offsets):

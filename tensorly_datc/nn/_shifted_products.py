@@ -140,7 +140,12 @@ def _add_shifted_products(accumulator, geometry, output_rows, block_bytes=None):
             rows, columns = geometry.support(key)
             whole = correlations[key[2]]
         for t, u, pair_rows, pair_columns in pairs:
-            block = _subtract_strips(whole, products, key, rows, columns, pair_rows, pair_columns)
+            # Strips larger than the pair's own rectangle would cancel most of the product, which
+            # costs accuracy in float32 and time, so such a pair takes its own product.
+            if 2 * _area(pair_rows, pair_columns) < _area(rows, columns):
+                block = products.sum(key, pair_rows, pair_columns)
+            else:
+                block = _subtract_strips(whole, products, key, rows, columns, pair_rows, pair_columns)
             # Exactly symmetric diagonal blocks, whatever the rounding of the products
             blocks[t, u] = (block + block.T) / 2 if t == u else block
     if accumulator.tap_blocks is None:
@@ -245,6 +250,11 @@ def _add_tap_blocks(accumulator, blocks, n_taps, like):
             rows_by_tap[:, t] = interleaved
         else:
             rows_by_tap[:, t] += interleaved
+
+
+def _area(rows, columns):
+    """Return the number of pixels of the rectangle ``rows x columns``."""
+    return (rows[1] - rows[0]) * (columns[1] - columns[0])
 
 
 def _outside(full, subrange):

@@ -11,7 +11,7 @@ calibration data, merges them and stores them in safetensors files.
 import hashlib
 import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 import logging
 import operator
 import os
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 __all__ = ["InputStatistics", "collect_input_statistics", "save_statistics", "load_statistics"]
 
 from .. import _backend as backend
-from ._checks import check_module, check_names, check_positive_int
+from ._checks import check_bool, check_module, check_names, check_positive_int
 from ._conv_moments import _accumulate_conv2d, _chunk_scale
 
 logger = logging.getLogger(__name__)
@@ -353,7 +353,9 @@ def collect_input_statistics(
     ``data`` in eval mode under :func:`torch.no_grad`. For a ``Conv2d`` the input vectors
     are the im2col patches of the layer's own kernel size, stride, padding (including
     ``'same'`` and ``'valid'``), padding mode and dilation. For a ``Linear`` they are the
-    input rows, with all leading dimensions flattened. Sums are accumulated in float64.
+    input rows, with all leading dimensions flattened. Each chunk's products are formed in
+    the dtype of the inputs (float32 for a float32 model, accurate to about 1e-6 of the
+    largest diagonal entry) and summed in float64.
 
     Parameters
     ----------
@@ -377,11 +379,15 @@ def collect_input_statistics(
     progress : bool, default is True
         Whether to show a tqdm progress bar over the batches.
     max_patches_per_chunk : int, default is 4096
-        Maximum number of patches (or rows) unfolded at once, which bounds the memory to
-        about ``8 * max_patches_per_chunk * D`` bytes per layer (151 MB for a 512-channel
-        3x3 convolution). A single output row of one image is never split. Stride-1
-        convolutions whose products come from Fourier transforms hold at most that many
-        bytes of image spectra, and up to 16 MB more for one block of frequencies.
+        Number of patches (or rows) whose products are formed at once. It bounds the
+        working memory of a layer to a few times ``8 * max_patches_per_chunk * D`` bytes
+        (151 MB for a 512-channel 3x3 convolution), beside the layer's float64 sums of
+        ``8 * D**2`` bytes. A single output row of one image is never split. Zero-padded
+        convolutions with stride 1 take ``kernel_height`` times as many patches per chunk,
+        since they copy pixels rather than patches, or whole images when Fourier transforms
+        form their products (spectra of at most ``8 * max_patches_per_chunk * D`` bytes, and
+        up to 16 MB per block of frequencies). Zero-padded convolutions may also hold float64
+        sums of up to 32 MiB per layer for the blocks of consecutive chunks.
     distributed : bool, optional
         Whether to combine the statistics of all processes of the default torch.distributed
         process group with :func:`tensorly_datc.nn.distributed.all_reduce_statistics`. Each
@@ -404,8 +410,10 @@ def collect_input_statistics(
     ------
     ValueError
         If a name in ``layers`` is not a module of ``model`` or not a Conv2d or Linear
-        layer, if a layer's input contains NaN or inf (the message names the layer), or
-        if ``batch_size`` is given for non-tensor ``data``.
+        layer, if a layer's input contains NaN or inf or its moments overflow (the message
+        names the layer), or if ``batch_size`` is given for non-tensor ``data``.
+    TypeError
+        If ``data`` is not a tensor or an iterable of batches, or ``progress`` is not a bool.
     RuntimeError
         If ``distributed`` is True and no torch.distributed process group is initialised.
 
@@ -437,8 +445,12 @@ def collect_input_statistics(
     # Check arguments
     combine = resolve_distributed(distributed)
     check_module(model)
-    if data is None:
-        raise TypeError("data must be a tensor of inputs, a DataLoader or an iterable of batches; got None")
+    if not isinstance(data, (torch.Tensor, Iterable)):
+        raise TypeError(
+            "data must be a tensor of inputs, a DataLoader or an iterable of batches; "
+            f"got {type(data).__name__}"
+        )
+    check_bool(progress, "progress")
     max_patches_per_chunk = check_positive_int(max_patches_per_chunk, "max_patches_per_chunk")
     batch_size = check_positive_int(batch_size, "batch_size", allow_none=True)
     batch_size = _resolve_batch_size(data, batch_size)
@@ -470,12 +482,26 @@ def collect_input_statistics(
     statistics = {
         name: _layer_statistics(accumulators[name], module) for name, module in selected.items()
     }
+    for name, layer in statistics.items():
+        _check_finite_moments(name, layer)
     if combine:
         statistics = all_reduce_statistics(statistics)
     never_run = [name for name, layer in statistics.items() if layer.count == 0]
     if never_run:
         logger.warning("Layers %s received no input, so they are left out of the result", never_run)
     return {name: layer for name, layer in statistics.items() if layer.count > 0}
+
+
+def _check_finite_moments(name, statistics):
+    """Raise a ValueError if the moments of layer ``name`` overflowed."""
+    # No entry of a second moment exceeds the largest diagonal entry, so an overflow anywhere
+    # leaves an infinite or NaN entry on the diagonal.
+    if backend.is_finite(statistics.second_moment.diagonal()) and backend.is_finite(statistics.mean):
+        return
+    raise ValueError(
+        f"the input moments of layer {name!r} overflowed: its inputs are too large for float32 "
+        "products. Run the model on float64 inputs (model.double()) or scale the inputs down."
+    )
 
 
 def _layer_statistics(accumulator, module):
