@@ -119,9 +119,9 @@ CONV_CASES = [
 
 @pytest.fixture(params=["unfolded", "shifted", "spectral"])
 def conv_route(request, monkeypatch):
-    """Run the test with every convolution unfolding its patches, then with every zero-padded
-    one forming them from shifted pixels whatever its number of channels: by direct products,
-    and then by Fourier transforms for stride 1 wherever a chunk takes whole images."""
+    """Run the test on three routes, whatever the number of channels. First every convolution
+    unfolds its patches. Then every zero-padded one forms them from shifted pixels by direct
+    products, and last by Fourier transforms for stride 1 wherever a chunk takes whole images."""
     threshold = 10**9 if request.param == "unfolded" else 1
     monkeypatch.setattr(conv_moments, "_MIN_SHIFTED_CHANNELS", threshold)
     saving = 0 if request.param == "spectral" else math.inf

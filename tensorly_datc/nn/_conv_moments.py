@@ -128,10 +128,10 @@ def _spectral_images_per_chunk(inputs, tap_offsets, block_bytes, n_outputs):
     takes for a stride-1 kernel with ``tap_offsets`` and ``n_outputs`` output pixels per image,
     or 0 to form the products directly.
 
-    Direct products are kept when they are not ``_MIN_SPECTRAL_SAVING`` times costlier, when
-    the output has fewer than half as many pixels as the input (the transforms sum every pixel
-    pair, and border strips would remove most of each sum again), or when the spectra of one
-    image take more than ``block_bytes``. Chunks are about equal.
+    Direct products are kept when they are not ``_MIN_SPECTRAL_SAVING`` times costlier, or
+    when the spectra of one image take more than ``block_bytes``. They are also kept when the
+    output has fewer than half as many pixels as the input, because the transforms sum every
+    pixel pair and border strips would remove most of each sum again. Chunks are about equal.
     """
     n_images, n_channels, height, width = inputs.shape
     shifts = _tap_shifts(tap_offsets)
