@@ -71,6 +71,13 @@ def max_abs(tensor):
     return float(torch.maximum(-smallest, largest))
 
 
+def empty_like(tensor):
+    """Return a new uninitialised array of the shape, dtype and device of ``tensor``."""
+    if isinstance(tensor, np.ndarray):
+        return np.empty_like(tensor)
+    return torch.empty_like(tensor)
+
+
 def add_scaled_(tensor, scale, other):
     """Add ``scale * other`` to ``tensor`` in place and return it."""
     if isinstance(tensor, np.ndarray):

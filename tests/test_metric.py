@@ -314,3 +314,17 @@ def test_metric_on_other_device_raises(device, form):
 
     with pytest.raises(ValueError, match="device"):
         as_metric(metric, tensor)
+
+
+@pytest.mark.parametrize("array_type", ["numpy", "torch"])
+@pytest.mark.parametrize("entry", [(1099, 3), (3, 1099), (600, 599)], ids=str)
+def test_asymmetry_found_in_any_tile(array_type, entry):
+    # Side 1100 leaves a partial tile at the end of each row of tiles; one asymmetric pair
+    # anywhere must be found.
+    rng = np.random.default_rng(9)
+    matrix = _random_spd(1100, rng)
+    matrix[entry] += 1e-3 * np.abs(matrix).max()
+    tensor = _as_array_type(rng.standard_normal((3, 1100)), array_type)
+
+    with pytest.raises(ValueError, match="metric must be symmetric"):
+        as_metric(_as_array_type(matrix, array_type), tensor)
