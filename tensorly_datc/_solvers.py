@@ -83,10 +83,10 @@ def _on_cpu(array):
 
 
 # SciPy's OpenBLAS keeps its worker threads spinning for a while after each call, so on cores
-# that torch's own threads use as well, the two pools slow each other down. In alternated runs
-# of weighted_tucker2 on the torch tensors of ResNet-18's last layer (torch 2.14, SciPy's
-# OpenBLAS 0.3.30, 2 cores), factorisations in the calling thread cut the medians from 4.87,
-# 4.83 and 4.50 s to 4.36, 4.47 and 4.44 s, although each factorisation took twice as long. So
+# that torch's own threads use as well, the two pools slow each other down. We measured
+# alternated runs of weighted_tucker2 on the torch tensors of ResNet-18's last layer (torch
+# 2.14, SciPy's OpenBLAS 0.3.30, 2 cores). Factorisations in the calling thread cut the medians
+# from 4.87, 4.83 and 4.50 s to 4.36, 4.47 and 4.44 s, although each took twice as long. So
 # LAPACK calls made for torch tensors run in the calling thread.
 _THREADPOOLS = None
 
