@@ -82,16 +82,17 @@ def _on_cpu(array):
     return isinstance(array, np.ndarray) or array.device.type == "cpu"
 
 
-# SciPy's OpenBLAS keeps its worker threads spinning for a while after each call, so on cores
-# that torch's own threads use as well, the two pools slow each other down. We measured
-# alternated runs of weighted_tucker2 on the torch tensors of ResNet-18's last layer (torch
-# 2.14, SciPy's OpenBLAS 0.3.30, 2 cores). Factorisations in the calling thread cut the medians
-# from 4.87, 4.83 and 4.50 s to 4.36, 4.47 and 4.44 s, although each took twice as long. So
-# LAPACK calls made for torch tensors run in the calling thread.
+# SciPy's OpenBLAS keeps its worker threads spinning for a while after each call. Those threads
+# then compete for the cores with the threads of torch, or of NumPy's own OpenBLAS, which is a
+# separate library with its own workers. So SciPy's LAPACK runs in the calling thread. Measured
+# on 2 cores (torch 2.14, SciPy 1.17 with OpenBLAS 0.3.30): the README's NumPy example of
+# weighted_tucker2 on a 64x32x3x3 weight took 0.15 s instead of 4.0 s, and in alternated runs of
+# weighted_tucker2 on the torch tensors of ResNet-18's last layer the medians fell from 4.87,
+# 4.83 and 4.50 s to 4.36, 4.47 and 4.44 s, although each factorisation took twice as long.
 _THREADPOOLS = None
 
 
-def lapack_for_torch():
+def _single_threaded_lapack():
     """Return a context manager in which SciPy's BLAS and LAPACK use the calling thread only."""
     global _THREADPOOLS
     if _THREADPOOLS is None:
@@ -111,7 +112,8 @@ def potrf_lower(array, overwrite=False):
     """
     (potrf,) = scipy.linalg.lapack.get_lapack_funcs(("potrf",), (array,))
     flag = 1 if overwrite else 0
-    upper, info = potrf(array.T, lower=0, clean=1 - flag, overwrite_a=flag)
+    with _single_threaded_lapack():
+        upper, info = potrf(array.T, lower=0, clean=1 - flag, overwrite_a=flag)
     return upper.T, info
 
 
@@ -122,11 +124,8 @@ def _lapack_cholesky(matrix):
     a separate pass. On a 2304 x 2304 matrix it took about 1.4 times as long on 2 cores (torch
     2.14).
     """
-    if isinstance(matrix, np.ndarray):
-        lower, info = potrf_lower(matrix)
-    else:
-        with lapack_for_torch():
-            lower, info = potrf_lower(matrix.detach().numpy())
+    array = matrix if isinstance(matrix, np.ndarray) else matrix.detach().numpy()
+    lower, info = potrf_lower(array)
     if info != 0:
         return None
     return lower if isinstance(matrix, np.ndarray) else backend.torch.from_numpy(lower)
@@ -135,8 +134,9 @@ def _lapack_cholesky(matrix):
 def solve_triangular(lower, rhs, transpose=False):
     """Solve ``lower @ x = rhs`` (or ``lower.T @ x = rhs``) for a lower triangular 2-D ``lower``."""
     if isinstance(lower, np.ndarray):
-        return scipy.linalg.solve_triangular(lower, rhs, lower=True, trans=1 if transpose else 0,
-                                             check_finite=False)
+        with _single_threaded_lapack():
+            return scipy.linalg.solve_triangular(lower, rhs, lower=True, trans=1 if transpose else 0,
+                                                 check_finite=False)
     if transpose:
         return backend.torch.linalg.solve_triangular(lower.mT, rhs, upper=True)
     return backend.torch.linalg.solve_triangular(lower, rhs, upper=False)
@@ -145,7 +145,8 @@ def solve_triangular(lower, rhs, transpose=False):
 def _cholesky_solve(lower, rhs):
     """Solve ``lower @ lower.T @ x = rhs``; batched on torch, 2-D only on numpy."""
     if isinstance(lower, np.ndarray):
-        return scipy.linalg.cho_solve((lower, True), rhs, check_finite=False)
+        with _single_threaded_lapack():
+            return scipy.linalg.cho_solve((lower, True), rhs, check_finite=False)
     if rhs.ndim == lower.ndim - 1:
         return backend.torch.cholesky_solve(rhs[..., None], lower)[..., 0]
     return backend.torch.cholesky_solve(rhs, lower)

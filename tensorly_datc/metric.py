@@ -30,7 +30,7 @@ import numpy as np
 import tensorly as tl
 
 from . import _backend as backend
-from ._solvers import lapack_for_torch, potrf_lower
+from ._solvers import potrf_lower
 
 __all__ = ["as_metric", "IdentityMetric", "DenseMetric", "DiagonalMetric", "KroneckerMetric"]
 
@@ -229,11 +229,7 @@ def _is_positive_definite(matrix):
         return int(info) == 0
 
     diagonal = np.diag(array).copy()
-    if isinstance(matrix, np.ndarray):
-        _, info = potrf_lower(array, overwrite=True)
-    else:
-        with lapack_for_torch():
-            _, info = potrf_lower(array, overwrite=True)
+    _, info = potrf_lower(array, overwrite=True)
     _copy_upper_to_lower(array)
     array[np.diag_indices_from(array)] = diagonal
     return info == 0

@@ -330,16 +330,16 @@ def test_asymmetry_found_in_any_tile(array_type, entry):
         as_metric(_as_array_type(matrix, array_type), tensor)
 
 
-def test_lapack_for_torch_limits_and_restores_threads():
+def test_single_threaded_lapack_limits_and_restores_threads():
     from threadpoolctl import threadpool_info
 
-    from tensorly_datc._solvers import lapack_for_torch
+    from tensorly_datc._solvers import _single_threaded_lapack
 
     def blas_threads():
         return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
 
     before = blas_threads()
-    with lapack_for_torch():
+    with _single_threaded_lapack():
         inside = blas_threads()
     after = blas_threads()
 
