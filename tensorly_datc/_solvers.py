@@ -84,10 +84,10 @@ def _on_cpu(array):
 
 # SciPy's OpenBLAS keeps its worker threads spinning for a while after each call. Those threads
 # then compete for the cores with the threads of torch, or of NumPy's own OpenBLAS, which is a
-# separate library with its own workers. So SciPy's LAPACK runs in the calling thread. Measured
-# on 2 cores (torch 2.14, SciPy 1.17 with OpenBLAS 0.3.30): the README's NumPy example of
-# weighted_tucker2 on a 64x32x3x3 weight took 0.15 s instead of 4.0 s, and in alternated runs of
-# weighted_tucker2 on the torch tensors of ResNet-18's last layer the medians fell from 4.87,
+# separate library with its own workers. So SciPy's LAPACK runs in the calling thread. We
+# measured on 2 cores (torch 2.14, SciPy 1.17 with OpenBLAS 0.3.30). The README's NumPy example
+# of weighted_tucker2 on a 64x32x3x3 weight took 0.17 s instead of 4.0 s. In alternated runs of
+# weighted_tucker2 on the torch tensors of ResNet-18's last layer, the medians fell from 4.87,
 # 4.83 and 4.50 s to 4.36, 4.47 and 4.44 s, although each factorisation took twice as long.
 _THREADPOOLS = None
 
