@@ -35,7 +35,8 @@ def use_backend_of(tensor):
     if tl.get_backend() == name:
         yield name
     else:
-        with tl.backend_context(name):
+        # Thread-local, so that calls running in other threads keep their own backend
+        with tl.backend_context(name, local_threadsafe=True):
             yield name
 
 

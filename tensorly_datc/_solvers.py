@@ -5,7 +5,9 @@ Written with TensorLy's backend operations so that the same code runs on numpy a
 ``torch.linalg`` for torch tensors and to SciPy for numpy arrays.
 """
 
+import contextlib
 import logging
+import threading
 
 import numpy as np
 import scipy.linalg
@@ -90,14 +92,30 @@ def _on_cpu(array):
 # weighted_tucker2 on the torch tensors of ResNet-18's last layer, the medians fell from 4.87,
 # 4.83 and 4.50 s to 4.36, 4.47 and 4.44 s, although each factorisation took twice as long.
 _THREADPOOLS = None
+_LIMIT_DEPTH = 0
 
 
+@contextlib.contextmanager
 def _single_threaded_lapack():
-    """Return a context manager in which SciPy's BLAS and LAPACK use the calling thread only."""
-    global _THREADPOOLS
+    """Run the enclosed block with every BLAS library of the process limited to one thread.
+
+    The number of BLAS threads is a setting of the whole process, and setting and restoring it
+    while other threads run BLAS calls could leave it at one thread afterwards (seen with
+    OpenBLAS 0.3.30). So only the main thread limits it; calls from other threads run with the
+    settings they find.
+    """
+    global _THREADPOOLS, _LIMIT_DEPTH
+    if threading.current_thread() is not threading.main_thread() or _LIMIT_DEPTH > 0:
+        yield
+        return
     if _THREADPOOLS is None:
-        _THREADPOOLS = ThreadpoolController()
-    return _THREADPOOLS.limit(limits=1, user_api="blas")
+        _THREADPOOLS = ThreadpoolController().select(user_api="blas")
+    _LIMIT_DEPTH += 1
+    try:
+        with _THREADPOOLS.limit(limits=1):
+            yield
+    finally:
+        _LIMIT_DEPTH -= 1
 
 
 def potrf_lower(array, overwrite=False):

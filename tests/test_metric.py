@@ -329,19 +329,3 @@ def test_asymmetry_found_in_any_tile(array_type, entry):
     with pytest.raises(ValueError, match="metric must be symmetric"):
         as_metric(_as_array_type(matrix, array_type), tensor)
 
-
-def test_single_threaded_lapack_limits_and_restores_threads():
-    from threadpoolctl import threadpool_info
-
-    from tensorly_datc._solvers import _single_threaded_lapack
-
-    def blas_threads():
-        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
-
-    before = blas_threads()
-    with _single_threaded_lapack():
-        inside = blas_threads()
-    after = blas_threads()
-
-    assert inside == [1] * len(before)
-    assert after == before

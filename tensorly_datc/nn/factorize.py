@@ -138,7 +138,7 @@ def factorise_layer(module, method, rank, second_moment=None, *, name="", option
             return low_rank_linear(module, left, right), approximation, metric
         return low_rank_conv1x1(module, left, right.reshape(rank, -1)), approximation, metric
 
-    with tl.backend_context("pytorch"):
+    with tl.backend_context("pytorch", local_threadsafe=True):
         if method == "tucker2":
             (core, factors), _ = weighted_tucker2(weight, rank, metric, **options)
             approximation = tl.tenalg.multi_mode_dot(
