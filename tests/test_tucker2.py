@@ -1223,3 +1223,23 @@ def test_resnet20_metric_error_below_frobenius(data_dir):
     for name, _, _, weighted_error, frobenius_error in rows:
         assert weighted_error < frobenius_error, name
     assert np.mean(reductions) >= 0.30
+
+
+@pytest.mark.parametrize("tol", [0.0, 1e-9])
+def test_conjugate_gradients_reach_float64_accuracy(tol):
+    # The first sweeps solve in float32, whose rounding stalls the error near 1e-6 on an exact
+    # low-rank tensor. A tolerance below float32's reach must not end the run there: the sweeps
+    # in float64 that follow recover the tensor as the dense solver does.
+    rng = np.random.default_rng(5)
+    n_outputs, n_inputs, n_taps, ranks = 48, 32, 9, (12, 20)
+    output_factor = np.linalg.qr(rng.standard_normal((n_outputs, ranks[0])))[0]
+    input_factor = np.linalg.qr(rng.standard_normal((n_inputs, ranks[1])))[0]
+    core = rng.standard_normal((ranks[0], ranks[1], 3, 3))
+    tensor = np.einsum("abkl,ia,jb->ijkl", core, output_factor, input_factor)
+    size = n_inputs * n_taps
+    scaled = rng.standard_normal((2 * size, size)) * np.geomspace(0.01, 1, size)
+    metric = scaled.T @ scaled / (2 * size)
+
+    _, errors = weighted_tucker2(tensor, ranks, metric, solver="cg", tol=tol, n_iter_max=60)
+
+    assert errors[-1] < 1e-9

@@ -11,7 +11,9 @@ from .._solvers import check_solver
 from ..metric import as_metric, kronecker_approximation
 from . import _common as common
 from ._tucker2_steps import (
+    FLOAT32_MIN_RTOL,
     reconstruct_unfolded,
+    solves_in_float32,
     squared_norm,
     update_input_factor,
     update_output_and_core,
@@ -187,6 +189,7 @@ def _run_alternating(tensor, metric, ranks, input_factor, options):
             unfolded, metric, input_factor, ranks[0], n_taps, solver=options["solver"]
         )
         state.update(output_factor=output_factor, core=core)
+        state["float32"] = solves_in_float32(unfolded, metric, n_taps)
         if norm_squared == 0:
             return (output_factor, core, input_factor), 0.0
         error_squared = max(norm_squared - captured, 0.0) / norm_squared
@@ -236,6 +239,11 @@ def _iterate(step, finish, input_factor, shape, options, state=None):
             if options["callback"]((core, factors), best_error) is True:
                 break
         if common.has_converged([previous_error, best_error], options["tol"]):
+            # A sweep of float32 solves resolves relative decreases down to about
+            # FLOAT32_MIN_RTOL only. Below that tolerance the run goes on, and the small decrease
+            # has just set the next solves to float64, so a float64 sweep decides convergence.
+            if state is not None and state.get("float32") and options["tol"] < FLOAT32_MIN_RTOL:
+                continue
             break
     return finish(best), rec_errors
 

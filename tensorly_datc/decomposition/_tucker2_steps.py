@@ -218,6 +218,13 @@ def _dense_problem(unfolded, metric, n_taps):
     return problem
 
 
+def solves_in_float32(unfolded, metric, n_taps):
+    """Return whether the input-factor solves of this decomposition still run in float32."""
+    problem = _DENSE_PROBLEMS.get(metric)
+    return (problem is not None and problem.unfolded is unfolded and problem.n_taps == n_taps
+            and problem.iterative and not problem.precise)
+
+
 def squared_norm(unfolded, metric, n_taps):
     """Return ``tr(W M W^T)`` for the unfolded weight ``W``.
 
