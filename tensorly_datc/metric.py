@@ -37,8 +37,11 @@ __all__ = ["as_metric", "IdentityMetric", "DenseMetric", "DiagonalMetric", "Kron
 logger = logging.getLogger(__name__)
 
 # Relative asymmetry max|M - M^T| / max|M| above which a metric is rejected. Statistics summed
-# in float64 are symmetric to about 1e-15; anything far above that is a wrong input.
+# in float64 are symmetric to about 1e-15; anything far above that is a wrong input. A metric
+# passed in a lower precision is allowed SYMMETRY_ROUNDINGS times its machine epsilon instead
+# when that is larger: a float32 sum of batch products can be asymmetric by about 2e-8.
 SYMMETRY_TOL = 1e-8
+SYMMETRY_ROUNDINGS = 100
 
 # Shift, relative to the mean eigenvalue, under which the PSD check still passes. It absorbs
 # the round-off of statistics whose chunk products were formed in float32 (eigenvalues down to
@@ -177,7 +180,19 @@ def _convert(matrix, tensor, name):
     return converted
 
 
-def _check_symmetric(matrix, name):
+def _symmetry_tolerance(matrix):
+    """Return the relative asymmetry accepted for ``matrix`` as the caller passed it."""
+    dtype = getattr(matrix, "dtype", None)
+    epsilon = 0.0
+    if backend.torch is not None and isinstance(dtype, backend.torch.dtype):
+        if dtype.is_floating_point:
+            epsilon = backend.torch.finfo(dtype).eps
+    elif dtype is not None and np.issubdtype(dtype, np.floating):
+        epsilon = float(np.finfo(dtype).eps)
+    return max(SYMMETRY_TOL, SYMMETRY_ROUNDINGS * epsilon)
+
+
+def _check_symmetric(matrix, name, tolerance=SYMMETRY_TOL):
     """Return the symmetric part of ``matrix``, a new array, after checking that it is symmetric."""
     scale = backend.max_abs(matrix)
     symmetric = backend.empty_like(matrix)
@@ -196,10 +211,11 @@ def _check_symmetric(matrix, name):
             average = (upper + lower) * 0.5
             symmetric[rows, columns] = average
             symmetric[columns, rows] = tl.transpose(average)
-    if asymmetry > SYMMETRY_TOL * scale:
+    if asymmetry > tolerance * scale:
         raise ValueError(
-            f"{name} must be symmetric; got max |M - M^T| = {asymmetry:.3g} "
-            f"for max |M| = {scale:.3g}"
+            f"{name} must be symmetric; got max |M - M^T| = {asymmetry:.3g} for max |M| = "
+            f"{scale:.3g}, and at most {tolerance:.3g} times max |M| is accepted. If the "
+            "asymmetry is rounding, pass the symmetric part (M + M.T) / 2."
         )
     return symmetric
 
@@ -280,13 +296,14 @@ def _regularise_matrix(matrix, name, metric_reg, size):
 
 
 def _square_metric(matrix, tensor, name, size, metric_reg):
+    tolerance = _symmetry_tolerance(matrix)
     matrix = _convert(matrix, tensor, name)
     if tl.ndim(matrix) != 2 or tuple(tl.shape(matrix)) != (size, size):
         raise ValueError(
             f"{name} must be a symmetric positive semi-definite matrix of shape ({size}, {size}); "
             f"got shape {tuple(tl.shape(matrix))}"
         )
-    matrix = _check_symmetric(matrix, name)
+    matrix = _check_symmetric(matrix, name, tolerance)
     return _regularise_matrix(matrix, name, metric_reg, size)
 
 

@@ -329,3 +329,17 @@ def test_asymmetry_found_in_any_tile(array_type, entry):
     with pytest.raises(ValueError, match="metric must be symmetric"):
         as_metric(_as_array_type(matrix, array_type), tensor)
 
+
+
+@pytest.mark.parametrize("array_type", ["numpy", "torch"])
+def test_float32_rounding_asymmetry_accepted(array_type):
+    # A float32 metric summed from batch products is symmetric only to float32 rounding; its
+    # symmetric part is used. The same relative asymmetry in float64 is a wrong input.
+    rng = np.random.default_rng(10)
+    matrix = _random_spd(50, rng)
+    matrix[3, 7] += 5e-7 * np.abs(matrix).max()
+    tensor = _as_array_type(rng.standard_normal((2, 50)), array_type)
+
+    as_metric(_as_array_type(matrix.astype(np.float32), array_type), tensor)
+    with pytest.raises(ValueError, match=r"at most 1e-08 times max \|M\| is accepted.*\(M \+ M.T\) / 2"):
+        as_metric(_as_array_type(matrix, array_type), tensor)
