@@ -329,7 +329,8 @@ def _kronecker_metric(factors, tensor, mode_sizes, metric_reg):
     if len(factors) != len(mode_sizes):
         raise ValueError(
             f"a Kronecker metric needs one matrix (or None) for each of the modes 1..{len(mode_sizes)} "
-            f"of sizes {mode_sizes}; got {len(factors)} matrices"
+            f"of sizes {mode_sizes}; got a list of {len(factors)} entries. A dense metric given as "
+            "nested lists must be converted to an array first (numpy.asarray)."
         )
     converted = []
     for mode, (factor, mode_size) in enumerate(zip(factors, mode_sizes), start=1):

@@ -479,6 +479,7 @@ def _invalid_cases():
         ("metric-zero", tensor, dict(rank=2, metric=np.zeros((12, 12))), ValueError, "metric"),
         ("metric-kronecker-count", tensor, dict(rank=2, metric=[np.eye(4)]), ValueError, "metric.*modes"),
         ("metric-kronecker-shape", tensor, dict(rank=2, metric=[np.eye(4), np.eye(4)]), ValueError, r"metric\[1\].*\(3, 3\)"),
+        ("random-state-string", tensor, dict(rank=2, random_state="x"), ValueError, "random_state.*'x'"),
         ("tensor-nan", nan_tensor, dict(rank=2), ValueError, "tensor.*NaN"),
         ("tensor-1d", np.ones(5), dict(rank=1), ValueError, "tensor.*2 modes"),
         ("tensor-empty", np.ones((3, 0, 2)), dict(rank=1), ValueError, "tensor.*empty"),

@@ -271,7 +271,7 @@ def _invalid_cases():
         "NaN weight": (np.r_[np.nan, np.ones(SIZE - 1)], "NaN"),
         "3-way": (np.ones((2, 3, 4)), "got an array of shape"),
         "string": ("identity", "got a str"),
-        "Kronecker too long": ([np.eye(4), None, None, None], "got 4 matrices"),
+        "Kronecker too long": ([np.eye(4), None, None, None], "got a list of 4 entries"),
         "Kronecker factor wrong side": ([np.eye(3), None, None], r"metric\[0\] \(mode 1\)"),
         "Kronecker factor asymmetric": ([np.triu(np.ones((4, 4))), None, None],
                                         r"metric\[0\] \(mode 1\) must be symmetric"),

@@ -806,7 +806,7 @@ def _bad_argument_cases():
         ("diagonal negative", {"metric": negative_weights}, ValueError, "non-negative"),
         ("diagonal zero", {"metric": np.zeros(45)}, ValueError, "diagonal metric"),
         ("diagonal wrong length", {"metric": np.ones(44)}, ValueError, "length 45"),
-        ("kronecker too short", {"metric": [np.eye(5), np.eye(3)]}, ValueError, "Kronecker.*got 2"),
+        ("kronecker too short", {"metric": [np.eye(5), np.eye(3)]}, ValueError, "Kronecker.*got a list of 2 entries"),
         ("kronecker factor wrong shape", {"metric": [np.eye(5), None, np.eye(4)]}, ValueError,
          r"metric\[2\]"),
 
@@ -816,6 +816,9 @@ def _bad_argument_cases():
         ("negative metric_reg", {"metric_reg": -1.0}, ValueError, "metric_reg"),
         ("negative n_iter_max", {"n_iter_max": -1}, ValueError, "n_iter_max"),
         ("callback not callable", {"callback": 5}, TypeError, "callback"),
+        ("random_state string", {"random_state": "x"}, ValueError, "random_state.*'x'"),
+        ("random_state negative", {"random_state": -1, "init": "random"}, ValueError, "random_state"),
+        ("metric nested lists", {"metric": np.eye(45).tolist()}, ValueError, "numpy.asarray"),
         ("init core wrong shape", {"init": init_bad_core}, ValueError, r"init core.*\(2, 2, 3, 3\)"),
         ("init factor wrong shape", {"init": init_bad_factor}, ValueError,
          "init factor of mode 1"),

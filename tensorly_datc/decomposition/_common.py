@@ -69,6 +69,19 @@ def check_tol(tol):
     check_nonnegative(tol, "tol")
 
 
+def check_random_state(random_state):
+    """Raise a ValueError unless ``random_state`` is a seed that TensorLy's random starts take."""
+    if random_state is None or isinstance(random_state, np.random.RandomState):
+        return
+    is_int = isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool)
+    if is_int and 0 <= random_state < 2**32:
+        return
+    raise ValueError(
+        "random_state must be None, an int in [0, 2**32) or a numpy.random.RandomState; "
+        f"got {random_state!r}"
+    )
+
+
 def check_init_finite(factors, name="init"):
     """Raise a ValueError if any array of a given start holds NaN or infinite values."""
     for index, factor in enumerate(factors):

@@ -369,6 +369,7 @@ def _decompose(tensor, rank, metric, n_iter_max, init, tol, random_state, verbos
     n_iter_max = common.check_int(n_iter_max, "n_iter_max", minimum=0)
     cg_max_iter = common.check_int(cg_max_iter, "cg_max_iter")
     common.check_tol(tol)
+    common.check_random_state(random_state)
     check_solver(solver)
     common.check_callback(callback)
     _check_init(init, shape, ranks)
