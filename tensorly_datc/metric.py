@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 # Relative asymmetry max|M - M^T| / max|M| above which a metric is rejected. Statistics summed
 # in float64 are symmetric to about 1e-15; anything far above that is a wrong input. A metric
 # passed in a lower precision is allowed SYMMETRY_ROUNDINGS times its machine epsilon instead
-# when that is larger: a float32 sum of batch products can be asymmetric by about 2e-8.
+# when that is larger, because a float32 sum of batch products can be asymmetric by about 2e-8.
 SYMMETRY_TOL = 1e-8
 SYMMETRY_ROUNDINGS = 100
 

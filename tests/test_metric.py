@@ -319,7 +319,7 @@ def test_metric_on_other_device_raises(device, form):
 @pytest.mark.parametrize("array_type", ["numpy", "torch"])
 @pytest.mark.parametrize("entry", [(1099, 3), (3, 1099), (600, 599)], ids=str)
 def test_asymmetry_found_in_any_tile(array_type, entry):
-    # Side 1100 leaves a partial tile at the end of each row of tiles; one asymmetric pair
+    # Side 1100 leaves a partial tile at the end of each row of tiles. One asymmetric pair
     # anywhere must be found.
     rng = np.random.default_rng(9)
     matrix = _random_spd(1100, rng)
@@ -333,7 +333,7 @@ def test_asymmetry_found_in_any_tile(array_type, entry):
 
 @pytest.mark.parametrize("array_type", ["numpy", "torch"])
 def test_float32_rounding_asymmetry_accepted(array_type):
-    # A float32 metric summed from batch products is symmetric only to float32 rounding; its
+    # A float32 metric summed from batch products is symmetric only to float32 rounding, so its
     # symmetric part is used. The same relative asymmetry in float64 is a wrong input.
     rng = np.random.default_rng(10)
     matrix = _random_spd(50, rng)

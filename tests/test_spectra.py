@@ -78,10 +78,17 @@ def test_fourier_shape_avoids_wrap_around():
 
 
 def test_costs_count_products():
-    # A 3x3 kernel's 13 shifts on 56x56 maps
+    # A 3x3 kernel's 13 shifts: one product per pixel whose partner lies in the map
     shifts = [(0, 0), (0, 1), (0, 2)] + [(rows, columns) for rows in (1, 2) for columns in range(-2, 3)]
-    expected = sum((56 - abs(rows)) * (56 - abs(columns)) for rows, columns in shifts)
-    assert direct_cost(56, 56, shifts) == expected
+    height, width = 6, 5
+    pairs = sum(
+        1
+        for rows, columns in shifts
+        for row in range(height)
+        for column in range(width)
+        if 0 <= row + rows < height and 0 <= column + columns < width
+    )
+    assert direct_cost(height, width, shifts) == pairs
     # Three real products for each of the 60 x 31 frequencies of a real 60x60 transform
     assert spectral_cost(56, 56, shifts) == 3 * 60 * 31
     # Shifts longer than the image reach no pixel.

@@ -209,10 +209,18 @@ def _to_float64(array):
     return array.to(backend.torch.float64)
 
 
-def _dense_problem(unfolded, metric, n_taps):
-    """Return the cached :class:`_DenseProblem` of ``metric``, building it for a new ``unfolded``."""
+def _cached_problem(unfolded, metric, n_taps):
+    """Return the cached :class:`_DenseProblem` of ``metric`` for ``unfolded``, or None."""
     problem = _DENSE_PROBLEMS.get(metric)
     if problem is None or problem.unfolded is not unfolded or problem.n_taps != n_taps:
+        return None
+    return problem
+
+
+def _dense_problem(unfolded, metric, n_taps):
+    """Return the cached :class:`_DenseProblem` of ``metric``, building it for a new ``unfolded``."""
+    problem = _cached_problem(unfolded, metric, n_taps)
+    if problem is None:
         problem = _DenseProblem(unfolded, metric, n_taps)
         _DENSE_PROBLEMS[metric] = problem
     return problem
@@ -220,9 +228,8 @@ def _dense_problem(unfolded, metric, n_taps):
 
 def solves_in_float32(unfolded, metric, n_taps):
     """Return whether the input-factor solves of this decomposition still run in float32."""
-    problem = _DENSE_PROBLEMS.get(metric)
-    return (problem is not None and problem.unfolded is unfolded and problem.n_taps == n_taps
-            and problem.iterative and not problem.precise)
+    problem = _cached_problem(unfolded, metric, n_taps)
+    return problem is not None and problem.iterative and not problem.precise
 
 
 def squared_norm(unfolded, metric, n_taps):

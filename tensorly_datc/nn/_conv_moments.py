@@ -69,15 +69,9 @@ def _accumulate_conv2d(accumulator, module, inputs, max_patches_per_chunk):
         for i in range(kernel_height)
         for j in range(kernel_width)
     ]
-    block_bytes = 8 * max_patches_per_chunk * module.in_channels * kernel_height * kernel_width
-    spectral_images = 0
-    if shifted and module.stride == (1, 1):
-        spectral_images = _spectral_images_per_chunk(inputs, tap_offsets, block_bytes, out_height * out_width)
-    if spectral_images:
-        images_per_chunk, rows_per_chunk = spectral_images, out_height
-    else:
-        max_patches_per_chunk *= _chunk_scale(module)
-        images_per_chunk, rows_per_chunk = _chunk_sizes(out_height, out_width, max_patches_per_chunk)
+    images_per_chunk, rows_per_chunk, spectral_block = _plan_chunks(
+        module, inputs, tap_offsets, shifted, (out_height, out_width), max_patches_per_chunk
+    )
     # F.pad takes the last dimension first, and calls the "zeros" mode "constant".
     pad = [left, right, top, bottom]
     pad_mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
@@ -87,18 +81,30 @@ def _accumulate_conv2d(accumulator, module, inputs, max_patches_per_chunk):
             images = images.to(torch.float32)
         if shifted:
             # The Fourier route reads only strips of the phase images.
-            geometry = _ShiftGeometry(images, tap_offsets, module.stride, out_width, copy=not spectral_images)
+            geometry = _ShiftGeometry(images, tap_offsets, module.stride, out_width, copy=spectral_block is None)
         elif any(pad):
             images = F.pad(images, pad, mode=pad_mode)
         for first_row in range(0, out_height, rows_per_chunk):
             output_rows = (first_row, min(first_row + rows_per_chunk, out_height))
             if shifted:
-                spectral_block = min(block_bytes, _MAX_SPECTRAL_BLOCK_BYTES) if spectral_images else None
                 _add_shifted_products(accumulator, geometry, output_rows, spectral_block)
             else:
                 band_start = first_row * stride_height
                 band_stop = band_start + (output_rows[1] - first_row - 1) * stride_height + span_height
                 _add_unfolded_patches(accumulator, module, images[:, :, band_start:band_stop])
+
+
+def _plan_chunks(module, inputs, tap_offsets, shifted, out_size, max_patches_per_chunk):
+    """Return (images, output rows) per chunk, and the bytes per block of frequencies of the
+    Fourier route (None when the products are formed directly)."""
+    out_height, out_width = out_size
+    block_bytes = 8 * max_patches_per_chunk * module.in_channels * math.prod(module.kernel_size)
+    if shifted and module.stride == (1, 1):
+        n_images = _spectral_images_per_chunk(inputs, tap_offsets, block_bytes, out_height * out_width)
+        if n_images:
+            return n_images, out_height, min(block_bytes, _MAX_SPECTRAL_BLOCK_BYTES)
+    max_patches_per_chunk *= _chunk_scale(module)
+    return _chunk_sizes(out_height, out_width, max_patches_per_chunk) + (None,)
 
 
 # A convolution with fewer input channels unfolds its patches, because its products of shifted
@@ -119,7 +125,7 @@ def _uses_shifted_products(module):
 # fewer (5x5) both routes took the same time, and at 1.5 times fewer (4x4) transforms lost 20 %.
 _MIN_SPECTRAL_SAVING = 2
 # Frequencies of one block of the Fourier route take at most this much memory. On the same CPU,
-# blocks of 16 MB were faster than those of 150 MB by 10 to 40 %.
+# blocks of 19 MB took 16 to 43 % less time than blocks of 151 MB on ResNet-18's map shapes.
 _MAX_SPECTRAL_BLOCK_BYTES = 16 * 2**20
 
 
@@ -151,9 +157,11 @@ def _spectral_images_per_chunk(inputs, tap_offsets, block_bytes, n_outputs):
 
 def _tap_shifts(tap_offsets):
     """Return the shifts ``offset(u) - offset(t)`` between the taps ``t <= u`` of a kernel."""
-    return sorted(
-        {(second[0] - first[0], second[1] - first[1]) for k, first in enumerate(tap_offsets) for second in tap_offsets[k:]}
-    )
+    shifts = set()
+    for index, first in enumerate(tap_offsets):
+        for second in tap_offsets[index:]:
+            shifts.add((second[0] - first[0], second[1] - first[1]))
+    return sorted(shifts)
 
 
 def _chunk_scale(module):

@@ -29,7 +29,7 @@ def _clipped_range(band, offset, shift, size, partner_size):
 
 
 class _ShiftGeometry:
-    """Where each kernel tap of a zero-padded convolution reads, in phase images.
+    """Positions in phase images that the kernel taps of a zero-padded convolution read.
 
     With stride ``s``, the taps read input pixels ``s * o + offset`` for output pixels ``o``.
     The input splits into ``s_h * s_w`` phase images, the pixels of equal position modulo the
@@ -135,16 +135,15 @@ def _add_shifted_products(accumulator, geometry, output_rows, block_bytes=None):
         if block_bytes is None:
             rows = (min(pair[2][0] for pair in pairs), max(pair[2][1] for pair in pairs))
             columns = (min(pair[3][0] for pair in pairs), max(pair[3][1] for pair in pairs))
-            whole = products.sum(key, rows, columns)
         else:
             rows, columns = geometry.support(key)
-            whole = correlations[key[2]]
         for t, u, pair_rows, pair_columns in pairs:
             # Strips larger than the pair's own rectangle would cancel most of the product, which
             # costs accuracy in float32 and time, so such a pair takes its own product.
             if 2 * _area(pair_rows, pair_columns) < _area(rows, columns):
                 block = products.sum(key, pair_rows, pair_columns)
             else:
+                whole = products.sum(key, rows, columns) if block_bytes is None else correlations[key[2]]
                 block = _subtract_strips(whole, products, key, rows, columns, pair_rows, pair_columns)
             # Exactly symmetric diagonal blocks, whatever the rounding of the products
             blocks[t, u] = (block + block.T) / 2 if t == u else block
